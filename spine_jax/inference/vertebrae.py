@@ -1,0 +1,132 @@
+"""CT vertebrae: slice predictions from a train state and the slice -> vertebra decisions.
+
+Shared by the final evaluation of training and by checkpoint inference on users' scans, so both
+score slices and decide vertebrae the same way.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from spine_jax.data import pipelines
+from spine_jax.metrics import classification
+from spine_jax.training import mesh as mesh_lib
+from spine_jax.training import steps
+
+QUALITY_NAMES = ("normal", "blastic", "mixed", "lytic")
+POSTEROLATERAL_NAMES = ("none", "unilateral", "bilateral")
+
+
+def make_predict_fn(state, mesh):
+  """images (B, H, W, C) sharded over the mesh -> dict of per-head probabilities (numpy)."""
+  fn = jax.jit(steps.classifier_eval_step, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)))
+
+  def predict(images: np.ndarray):
+    return jax.device_get(fn(state, mesh_lib.global_batch(images, mesh)))
+  return predict
+
+
+def predict_slices(predict, images: np.ndarray, *, in_channels: int, batch_size: int) -> dict[str, np.ndarray]:
+  """Probabilities for every slice of `images` (N, H, W), batched and un-padded."""
+  chunks: dict[str, list] = {}
+  for batch, n in pipelines.eval_batches({"image": images}, ("image",), batch_size):
+    for k, v in predict(pipelines.model_input(batch["image"], in_channels)).items():
+      chunks.setdefault(k, []).append(np.asarray(v)[:n])
+  return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def vertebra_decisions(probs: dict[str, np.ndarray], vertebra_ids: np.ndarray, eval_cfg) -> dict[str, np.ndarray]:
+  """Per-vertebra classes (and mean slice probabilities) from per-slice probabilities."""
+  out: dict[str, np.ndarray] = {}
+  ids = np.unique(vertebra_ids)
+  out["vertebra"] = ids
+  if "quality" in probs:
+    got_ids, dec = classification.vertebra_quality_decision(
+        probs["quality"].argmax(-1), vertebra_ids, eval_cfg.normal_fraction, eval_cfg.dominant_share)
+    assert np.array_equal(got_ids, ids)
+    out["quality"] = dec
+    out["quality_probs"] = np.stack([probs["quality"][vertebra_ids == v].mean(0) for v in ids])
+  if "posterolateral" in probs:
+    got_ids, dec = classification.vertebra_posterolateral_decision(
+        probs["posterolateral"].argmax(-1), vertebra_ids, eval_cfg.posterolateral_min_fraction)
+    assert np.array_equal(got_ids, ids)
+    out["posterolateral"] = dec
+    out["posterolateral_probs"] = np.stack([probs["posterolateral"][vertebra_ids == v].mean(0) for v in ids])
+  return out
+
+
+def load_classifier(checkpoint, mesh=None):
+  """(state, config, mesh) from a training work directory or checkpoint folder.
+
+  The model is rebuilt from the config stored with the checkpoint, so inference always uses the
+  architecture and slice geometry the weights were trained with.
+  """
+  from spine_jax.models import multitask
+  from spine_jax.training import checkpoints
+  from spine_jax.training import state as state_lib
+
+  config, root, step = checkpoints.load_config(checkpoint)
+  if config.get("task") != "mtl":
+    raise ValueError(f"checkpoint {root / str(step)} is a {config.get('task')!r} model, not the CT classifier (mtl)")
+  mesh = mesh or mesh_lib.make_mesh()
+  model = multitask.build_model(config.model)
+  tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
+  size = config.data.slices.image_size
+  abstract = state_lib.abstract_train_state(model, tx, (1, size, size, config.data.in_channels), mesh)
+  state = checkpoints.restore_state_for_inference(root, step, abstract)
+  return state, config, mesh
+
+
+def classify_ct(state, config, mesh, image_path, mask_path, *, scheme: str, labels=None) -> list[dict]:
+  """Every labelled vertebra of a CT (or those in `labels`): bone quality, posterolateral involvement, SINS.
+
+  The CT and its mask are checked to share a grid and taken to RAS; each vertebra's axial slices are
+  cut exactly as in training, classified, and decided by the slice -> vertebra rules of config.eval.
+  """
+  from spine_jax.data import levels as levels_lib
+  from spine_jax.data import nifti
+  from spine_jax.data import slices as slices_lib
+  from spine_jax.reports import sins
+
+  scan = nifti.load_image_and_mask(image_path, mask_path)
+  present = [int(v) for v in np.unique(scan.mask) if v != 0]
+  if labels:
+    missing = [int(v) for v in labels if int(v) not in present]
+    if missing:
+      raise slices_lib.SliceError(f"mask {mask_path}: label(s) {missing} are absent (present: {present})")
+    wanted = [int(v) for v in labels]
+  else:
+    known = levels_lib.scheme_labels(scheme)
+    wanted = [v for v in present if v in known]
+    if not wanted:
+      raise slices_lib.SliceError(f"mask {mask_path}: no vertebra label of the {scheme!r} numbering "
+                                  f"(labels present: {present})")
+  wanted = sorted(wanted, key=lambda v: levels_lib.level_index(levels_lib.label_to_level(v, scheme)))
+  predict = make_predict_fn(state, mesh)
+  rows = []
+  for label in wanted:
+    level = levels_lib.label_to_level(label, scheme)
+    try:
+      images, z = slices_lib.extract_vertebra_slices(scan.image, scan.mask, label, scan.spacing, config.data.slices)
+    except slices_lib.SliceError as e:
+      rows.append({"label": label, "level": level, "num_slices": 0, "error": str(e)})
+      continue
+    probs = predict_slices(predict, images, in_channels=config.data.in_channels, batch_size=config.eval.batch_size)
+    decided = vertebra_decisions(probs, np.zeros(len(images), np.int64), config.eval)
+    row = {"label": label, "level": level, "num_slices": int(len(images)),
+           "slice_range_ras": [int(z.min()), int(z.max())]}
+    q = pl = None
+    if "quality" in decided:
+      q = int(decided["quality"][0])
+      row["quality"] = QUALITY_NAMES[q]
+      row["quality_probs"] = dict(zip(QUALITY_NAMES, map(float, decided["quality_probs"][0])))
+      row["slice_quality_counts"] = dict(zip(QUALITY_NAMES, map(int, np.bincount(
+          probs["quality"].argmax(-1), minlength=4))))
+    if "posterolateral" in decided:
+      pl = int(decided["posterolateral"][0])
+      row["posterolateral"] = POSTEROLATERAL_NAMES[pl]
+      row["posterolateral_probs"] = dict(zip(POSTEROLATERAL_NAMES, map(float, decided["posterolateral_probs"][0])))
+    if q is not None and pl is not None:
+      row["sins"] = sins.partial_sins(level, q, pl)
+    rows.append(row)
+  return rows

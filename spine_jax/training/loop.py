@@ -1,0 +1,181 @@
+"""The training loop shared by every task: resume, steps, logging, checkpoints, signals, evaluation."""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from spine_jax.data import nifti
+from spine_jax.training import checkpoints
+from spine_jax.training import mesh as mesh_lib
+from spine_jax.training import state as state_lib
+from spine_jax.training import steps
+from spine_jax.training import tasks
+
+PREEMPTED_EXIT_CODE = 42  # launch scripts requeue a run that exits with this after SIGTERM
+
+
+class MetricWriter:
+  """JSON lines and TensorBoard events, from process 0 only."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self._active = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    if self._active:
+      self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+      except ImportError:
+        logging.warning("tensorboardX is not installed: metrics go to metrics.jsonl only")
+
+  def write(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
+    if not self._active:
+      return
+    self._jsonl.write(json.dumps({"step": step, "split": prefix, **scalars}, default=_jsonable) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          self._tb.add_scalar(f"{prefix}/{k}", v, step)
+      self._tb.flush()
+
+  def close(self):
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb:
+      self._tb.close()
+
+
+def _jsonable(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def _nan_to_none(obj):
+  """JSON has no NaN: undefined metrics (a class without support) are written as null."""
+  if isinstance(obj, dict):
+    return {k: _nan_to_none(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_nan_to_none(v) for v in obj]
+  if isinstance(obj, (float, np.floating)):
+    return None if not math.isfinite(obj) else float(obj)
+  if isinstance(obj, np.integer):
+    return int(obj)
+  return obj
+
+
+class _SigtermFlag:
+  """Notes SIGTERM (what schedulers send before preemption) so the loop can checkpoint and leave."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class Preempted(SystemExit):
+  def __init__(self, step: int):
+    super().__init__(PREEMPTED_EXIT_CODE)
+    self.step = step
+
+
+def _progress(step, total, scalars, rate, elapsed) -> str:
+  eta = (total - step) / rate if rate > 0 else float("nan")
+  shown = " | ".join(f"{k} {v:.4g}" for k, v in scalars.items() if k in
+                     ("loss", "plain_loss", "spl_kept", "acc_quality", "acc_posterolateral", "lr", "dice"))
+  return (f"step {step}/{total} | {shown} | {rate:.2f} steps/s | elapsed {elapsed / 60:.1f} min | "
+          f"ETA {eta / 60:.1f} min")
+
+
+def train_and_evaluate(config, workdir) -> dict:
+  """Trains `config.task` in `workdir`, resuming from its latest checkpoint, then evaluates."""
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  task = tasks.get_task(config)
+  mesh = mesh_lib.make_mesh()
+  logging.info(mesh_lib.describe(mesh))
+  tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
+  abstract = state_lib.abstract_train_state(task.model, tx, task.init_shape, mesh)
+  state_sharding = jax.tree.map(lambda s: s.sharding, abstract)
+
+  t0 = time.time()
+  data_iter = task.train_iterator()
+  logging.info("data ready in %.1f s", time.time() - t0)
+  mngr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
+  if mngr.latest_step() is not None:
+    state, start = checkpoints.restore(mngr, abstract, data_iter)
+    logging.info("resumed from step %d in %s", start, workdir)
+  else:
+    state = state_lib.create_train_state(task.model, tx, task.init_shape, jax.random.key(config.seed), mesh)
+    start = 0
+    logging.info("new run: %d parameters", state_lib.count_params(state.params))
+
+  train_step = steps.jit_train_step(task.train_step, config, state_sharding, mesh_lib.batch_sharding(mesh))
+  lr_fn = state_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
+  writer = MetricWriter(workdir)
+  pending = []
+  step = start
+  t_log, step_log, t_start = time.time(), start, time.time()
+  try:
+    with _SigtermFlag() as sigterm:
+      while step < config.num_train_steps:
+        batch = mesh_lib.global_batch(next(data_iter), mesh)
+        state, metrics = train_step(state, batch)
+        step += 1
+        pending.append(metrics)
+        if step % config.log_every == 0 or step == config.num_train_steps:
+          scalars = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+          scalars["lr"] = float(lr_fn(step - 1))
+          pending = []
+          now = time.time()
+          rate = (step - step_log) / max(now - t_log, 1e-9)
+          scalars["steps_per_s"] = rate
+          writer.write(step, scalars)
+          if jax.process_index() == 0:
+            print(_progress(step, config.num_train_steps, scalars, rate, now - t_start), flush=True)
+          t_log, step_log = now, step
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+          checkpoints.save(mngr, step, state, data_iter, config)
+        if sigterm.raised:
+          checkpoints.save(mngr, step, state, data_iter, config)
+          logging.warning("SIGTERM: checkpoint written at step %d, exiting with %d", step, PREEMPTED_EXIT_CODE)
+          raise Preempted(step)
+    if mngr.latest_step() != step:
+      checkpoints.save(mngr, step, state, data_iter, config)
+  finally:
+    writer.close()
+
+  report = task.evaluate(state, mesh, workdir if jax.process_index() == 0 else None)
+  report = _nan_to_none({"task": config.task, "step": step, **report})
+  if jax.process_index() == 0:
+    nifti.atomic_write_text(workdir / "eval.json", json.dumps(report, indent=2))
+    print(task.format_report(report), flush=True)
+    writer = MetricWriter(workdir)
+    writer.write(step, {k: v for k, v in task.headline(report).items() if v is not None}, prefix="eval")
+    writer.close()
+  return report

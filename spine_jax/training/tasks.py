@@ -1,0 +1,10 @@
+"""config.task -> the task object the training loop drives."""
+from __future__ import annotations
+
+
+def get_task(config):
+  name = config.task
+  if name == "mtl":
+    from spine_jax.training.classifier import ClassifierTask
+    return ClassifierTask(config)
+  raise ValueError(f"config.task: unknown task {name!r} (mtl)")
