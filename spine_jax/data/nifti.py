@@ -60,8 +60,27 @@ def _read(path, dtype) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
   if array.ndim != 3:
     raise NiftiError(f'{path}: expected a 3D volume, got shape {array.shape}')
   affine = np.asarray(img.affine, np.float64)
+  _check_header_zooms(path, img)
   _check_affine(path, affine)
   return array, affine, img.header
+
+
+def _check_header_zooms(path, img) -> None:
+  """Reject zero, negative or NaN voxel sizes in the raw header when the affine is built from them.
+
+  Without an sform the affine comes from pixdim, which nibabel silently 'fixes' (0 -> 1) on
+  load: the scan would then be read with a made-up geometry.
+  """
+  if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) or int(img.header['sform_code']) > 0:
+    return
+  try:
+    with nib.openers.ImageOpener(str(path)) as f:
+      raw = type(img.header).from_fileobj(f, check=False)
+  except Exception as e:  # the same file just loaded; a failure here is still a bad file
+    raise NiftiError(f'{path}: unreadable header ({type(e).__name__}: {e})') from e
+  zooms = np.asarray(raw['pixdim'][1:4], np.float64)
+  if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+    raise NiftiError(f'{path}: voxel spacing (header pixdim) {zooms.tolist()} mm must be positive')
 
 
 def load_nifti(path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:

@@ -104,6 +104,8 @@ def extract_vertebra_slices(volume_hu, mask, label: int, spacing_mm, cfg) -> tup
   j0, j1 = _window(cj, off_j, (jj.min(), jj.max()), mask.shape[1])
   hu = volume_hu[i0:i1, j0:j1][:, :, z]
   this = vert[i0:i1, j0:j1][:, :, z]
+  if getattr(cfg, 'other_labels_to_background', True):  # before interpolation: no blending of their bone
+    hu = np.where((mask[i0:i1, j0:j1][:, :, z] != 0) & ~this, np.float32(cfg.background_hu), hu)
   distance = np.stack([ndimage.distance_transform_edt(~this[:, :, k], sampling=spacing[:2])
                        for k in range(z.size)], axis=-1).astype(np.float32)
   # Sample positions (3, S rows, S cols, n): row r -> j, column c -> i, slice k -> k.
@@ -113,9 +115,5 @@ def extract_vertebra_slices(volume_hu, mask, label: int, spacing_mm, cfg) -> tup
   coords[2] = np.arange(z.size, dtype=np.float32)[None, None, :]
   image = ndimage.map_coordinates(hu, coords, order=1, mode='constant', cval=OUTSIDE_HU)
   near = ndimage.map_coordinates(distance, coords, order=1, mode='constant', cval=_FAR_MM)
-  keep = near <= cfg.mask_margin_mm
-  if getattr(cfg, 'other_labels_to_background', True):
-    other = ((mask[i0:i1, j0:j1][:, :, z] != 0) & ~this).astype(np.float32)
-    keep &= ndimage.map_coordinates(other, coords, order=0, mode='constant', cval=0.0) < 0.5
-  image = np.where(keep, image, np.float32(cfg.background_hu))
+  image = np.where(near <= cfg.mask_margin_mm, image, np.float32(cfg.background_hu))
   return np.ascontiguousarray(normalise_hu(image, cfg).transpose(2, 0, 1)), z.astype(np.int64)

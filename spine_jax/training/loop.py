@@ -118,6 +118,7 @@ def train_and_evaluate(config, workdir) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   task = tasks.get_task(config)
   mesh = mesh_lib.make_mesh()
+  mesh_lib.local_batch_size(config.batch_size, mesh)  # fails early on a batch the mesh cannot split
   logging.info(mesh_lib.describe(mesh))
   tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
   abstract = state_lib.abstract_train_state(task.model, tx, task.init_shape, mesh)

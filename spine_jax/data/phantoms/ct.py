@@ -52,7 +52,7 @@ _DIMS = {
                      spinous_angle=(15, 20), transverse_length=(8, 12), transverse_angle=(0, 0), facet=(4, 4.5)),
     'thoracic': dict(height=(17, 23), depth=(25, 30), width=(28, 40), disc=(4, 8), canal_depth=(15, 15),
                      canal_width=(17, 19), pedicle_width=(6, 8), lamina=(5, 6), spinous_length=(28, 26),
-                     spinous_angle=(25, 15), transverse_length=(20, 14), transverse_angle=(25, 20), facet=(4, 5)),
+                     spinous_angle=(20, 12), transverse_length=(20, 14), transverse_angle=(25, 20), facet=(4, 5)),
     'lumbar': dict(height=(25, 28), depth=(33, 35), width=(40, 50), disc=(9, 12), canal_depth=(16, 17),
                    canal_width=(21, 25), pedicle_width=(9, 13), lamina=(6, 7), spinous_length=(28, 22),
                    spinous_angle=(5, 0), transverse_length=(16, 18), transverse_angle=(5, 5), facet=(5, 6)),
@@ -131,6 +131,12 @@ class _Canvas:
       out.append(slice(first, last))
     return tuple(out)
 
+  def lateral(self) -> np.ndarray:
+    """u (mm toward the patient's right in the local frame) on the whole grid."""
+    r = self.rotation.astype(np.float32)
+    return r[0, 0] * self.axes[0][:, None, None] + r[1, 0] * self.axes[1][None, :, None] + r[2, 0] * self.axes[
+        2][None, None, :]
+
   def local(self, blk=(slice(None),) * 3):
     """(u, v, w) float32 arrays of the block's voxel centres in the local frame."""
     d = (self.axes[0][blk[0]][:, None, None], self.axes[1][blk[1]][None, :, None],
@@ -156,6 +162,7 @@ def _capsule(u, v, w, p0, p1, radius, w_scale=1.0):
 
 
 def _capsule_box(p0, p1, radius, w_radius):
+  """Local bounding box (lo, hi) of a capsule."""
   lo = np.minimum(p0, p1) - (radius, radius, w_radius)
   hi = np.maximum(p0, p1) + (radius, radius, w_radius)
   return lo, hi
@@ -168,11 +175,22 @@ class _Part:
     self.fn, self.lo, self.hi = fn, np.asarray(lo, np.float64), np.asarray(hi, np.float64)
 
 
+def _body_centre(d: dict) -> float:
+  """v of the body's centre: the body overlaps the canal by 2.5 mm, which carves its concave back wall."""
+  return d['canal_depth'] / 2 + d['depth'] / 2 - 2.5
+
+
+def _pedicle_z(h: float) -> tuple[float, float]:
+  """(centre, height) along w of the pedicles: the upper part of the body's height."""
+  height = 0.42 * h
+  return h / 2 - 0.08 * h - height / 2, height
+
+
 def _anatomy(d: dict) -> dict[str, list[_Part]]:
   """The parts of one vertebra (and its discs, canal, cord) from its dimensions."""
   h, depth, width, disc = d['height'], d['depth'], d['width'], d['disc']
   cd, cw, pw, lam = d['canal_depth'], d['canal_width'], d['pedicle_width'], d['lamina']
-  by = cd / 2 + depth / 2 - 2.5  # body centre: overlaps the canal by 2.5 mm, carved to a concave wall
+  by = _body_centre(d)
   flare = 0.05
 
   def canal(u, v, w):
@@ -190,12 +208,12 @@ def _anatomy(d: dict) -> dict[str, list[_Part]]:
       return np.maximum(body_section(u, v, np.full_like(w, h / 2), 1.02),
                         np.abs(w - sign * (h + disc) / 2) - disc / 2)
     zc = sign * (h + disc) / 2
-    return _Part(fn, (-width, by - depth, zc - disc / 2), (width, by + depth, zc + disc / 2))
+    a, b = width / 2 * 1.08, depth / 2 * 1.08
+    return _Part(fn, (-a, by - b, zc - disc / 2), (a, by + b, zc + disc / 2))
 
-  big = max(width, depth) * 0.6
-  body_box = ((-big, by - big, -h / 2), (big, by + big, h / 2))
-  ped_h = 0.42 * h
-  ped_z = h / 2 - 0.08 * h - ped_h / 2
+  a, b = width / 2 * (1 + flare), depth / 2 * (1 + flare)
+  body_box = ((-a, by - b, -h / 2), (a, by + b, h / 2))
+  ped_z, ped_h = _pedicle_z(h)
   px = cw / 2 + pw / 2 - 1.5
   parts = {'body': [_Part(body, *body_box)], 'posterior': [], 'disc': [disc_part(1), disc_part(-1)],
            'canal': [_Part(canal, (-cw / 2, -cd / 2, -1e4), (cw / 2, cd / 2, 1e4))]}
@@ -246,7 +264,9 @@ def _paint_min(canvas: _Canvas, target: np.ndarray, part: _Part, shift: float = 
 
 def _ramp(sdf):
   """Inside fraction of a voxel from the signed distance: the partial-volume edge."""
-  return np.clip(0.5 - sdf / _RAMP_MM, 0.0, 1.0)
+  out = np.multiply(sdf, np.float32(-1.0 / _RAMP_MM))
+  out += np.float32(0.5)
+  return np.clip(out, 0.0, 1.0, out=out)
 
 
 class _Blob:
@@ -268,7 +288,7 @@ class _Blob:
 
 def _body_blobs(rng, d, size_range, count, z_centre, z_half):
   """`count` lesion blobs inside the body, all spanning the same slices (z_centre +- z_half)."""
-  by = d['canal_depth'] / 2 + d['depth'] / 2 - 2.5
+  by = _body_centre(d)
   a_body, b_body = d['width'] / 2, d['depth'] / 2
   blobs = []
   for _ in range(count):
@@ -284,7 +304,7 @@ def _body_blobs(rng, d, size_range, count, z_centre, z_half):
 def _lesion_blobs(rng, d, quality, posterolateral):
   """(blastic blobs, lytic blobs, posterolateral blobs with their side and kind) for one vertebra."""
   h = d['height']
-  z_half = rng.uniform(0.6, 0.95) * h / 2
+  z_half = rng.uniform(0.7, 1.0) * h / 2
   z_centre = rng.uniform(-1, 1) * (h / 2 - z_half)
   blastic, lytic = [], []
   if quality == BLASTIC:
@@ -299,7 +319,7 @@ def _lesion_blobs(rng, d, quality, posterolateral):
     blastic = _body_blobs(rng, d, (0.2, 0.35), int(rng.integers(1, 4)), z_centre, z_half)
   sides = {0: (), 1: (float(rng.choice((1.0, -1.0))),), 2: (1.0, -1.0)}[posterolateral]
   cd, cw, pw = d['canal_depth'], d['canal_width'], d['pedicle_width']
-  ped_z = h / 2 - 0.08 * h - 0.21 * h
+  ped_z, _ = _pedicle_z(h)
   pl = []
   for side in sides:
     kind = {BLASTIC: BLASTIC, LYTIC: LYTIC}.get(quality, int(rng.choice((BLASTIC, LYTIC))))
@@ -312,7 +332,7 @@ def _lesion_blobs(rng, d, quality, posterolateral):
 def _soft_tissue(rng, shape) -> np.ndarray:
   """Muscle with patches of fat, smooth in-plane and constant along z (2D field, broadcast)."""
   coarse = rng.standard_normal((8, 8))
-  field = ndimage.zoom(coarse, (shape[0] / 8, shape[1] / 8), order=1)[:shape[0], :shape[1]]
+  field = ndimage.zoom(coarse, (shape[0] / 8, shape[1] / 8), order=3)[:shape[0], :shape[1]]
   fat = np.clip((field - 0.6) / 0.5, 0.0, 1.0).astype(np.float32)
   muscle_hu, fat_hu = rng.uniform(35, 50), rng.uniform(-120, -80)
   return (muscle_hu + (fat_hu - muscle_hu) * fat)[:, :, None]
@@ -332,17 +352,108 @@ def _slice_labels(main, body_sdf, u, w_blastic, w_lytic, spacing):
   return quality.astype(np.int32), (right.astype(np.int32) + left.astype(np.int32))
 
 
+def _geometry(canvas: _Canvas, parts: dict, level: str, h: float, disc: float) -> dict:
+  """Signed distances (body, posterior elements, this vertebra, all bone) and the SPINEPS label mask."""
+  def union(kinds, shift=0.0):
+    out = np.full(canvas.shape, _FAR, np.float32)
+    for kind in kinds:
+      for part in parts[kind]:
+        _paint_min(canvas, out, part, shift)
+    return out
+
+  body, posterior = union(('body',)), union(('posterior',))
+  main = np.minimum(body, posterior)
+  mask = np.zeros(canvas.shape, np.int16)
+  bone = main
+  for step in (-1, 1):  # -1: the vertebra above (shifted up), 1: the one below
+    neighbour = levels_lib.neighbour_level(level, step)
+    if neighbour is not None:
+      other = union(('body', 'posterior'), shift=-step * (h + disc))
+      mask[other <= 0] = levels_lib.level_to_label(neighbour, 'spineps')
+      bone = np.minimum(bone, other)
+  mask[main <= 0] = levels_lib.level_to_label(level, 'spineps')
+  return dict(body=body, posterior=posterior, main=main, bone=bone, mask=mask,
+              disc=union(('disc',)), canal=union(('canal',)))
+
+
+def _tissue_hu(rng, canvas: _Canvas, d: dict, geo: dict, trabecular: float, cortex_mm: float):
+  """HU of muscle and fat, discs, CSF (and cord), cortical and trabecular bone; texture amplitude."""
+  hu = np.broadcast_to(_soft_tissue(rng, canvas.shape), canvas.shape).astype(np.float32)
+  hu += _ramp(geo['disc']) * (rng.uniform(70, 100) - hu)
+  hu += _ramp(geo['canal']) * (rng.uniform(0, 15) - hu)
+  if d['cord']:
+    cord = _Part(lambda u, v, w: _ellipse(u, v, d['canal_width'] * 0.3, d['canal_depth'] * 0.25),
+                 (-20, -20, -1e4), (20, 20, 1e4))
+    cord_sdf = np.full(canvas.shape, _FAR, np.float32)
+    _paint_min(canvas, cord_sdf, cord)
+    hu += _ramp(cord_sdf) * (rng.uniform(30, 40) - hu)
+  f_in, f_core = _ramp(geo['bone']), _ramp(geo['bone'] + cortex_mm)
+  hu = hu * (1 - f_in) + (f_in - f_core) * rng.uniform(700, 1300) + f_core * trabecular
+  return hu, f_core * rng.uniform(20, 45)
+
+
+def _add_benign(rng, canvas: _Canvas, d: dict, hu: np.ndarray, body_core: np.ndarray, island: bool) -> None:
+  """Benign look-alikes, in place: the basivertebral vein channel (any vertebra), a small bone island."""
+  if rng.random() < 0.4:
+    back = _body_centre(d) - d['depth'] / 2
+    front = back + 0.35 * d['depth']
+    vein = _Part(lambda u, v, w: _capsule(u, v, w, (0, back, 0), (0, front, 0), 1.5, 0.8),
+                 (-2, back - 2, -3), (2, front + 2, 3))
+    vein_sdf = np.full(canvas.shape, _FAR, np.float32)
+    _paint_min(canvas, vein_sdf, vein)
+    hu += _ramp(vein_sdf) * body_core * (rng.uniform(50, 90) - hu)
+  if island:
+    centre = (rng.uniform(-0.4, 0.4) * d['width'] / 2, _body_centre(d) + rng.uniform(-0.3, 0.3) * d['depth'] / 2,
+              rng.uniform(-0.3, 0.3) * d['height'])
+    weight = np.zeros(canvas.shape, np.float32)
+    _Blob(centre, (rng.uniform(2, 3.5), rng.uniform(2, 3.5), rng.uniform(2, 4)), power=2).paint(
+        canvas, weight, body_core)
+    hu += weight * (rng.uniform(700, 1100) - hu)
+
+
+def _lesion_weights(rng, canvas: _Canvas, d: dict, geo: dict, body_core, u, quality: int, posterolateral: int):
+  """(blastic, lytic) weights in [0, 1] per voxel: where each lesion replaces the tissue."""
+  blastic_blobs, lytic_blobs, pl_blobs = _lesion_blobs(rng, d, quality, posterolateral)
+  w_blastic = np.zeros(canvas.shape, np.float32)
+  w_lytic = np.zeros(canvas.shape, np.float32)
+  if lytic_blobs:
+    if rng.random() < 0.5:  # breaks the cortex: bulges a few mm out of the body, never into the arch
+      away_from_arch = np.maximum(_ramp(geo['body']), 1.0 - _ramp(geo['posterior'] - 1.5))
+      allowed = _ramp(geo['body'] - rng.uniform(1.5, 4.0)) * away_from_arch
+    else:
+      allowed = body_core
+    for blob in lytic_blobs:
+      blob.paint(canvas, w_lytic, allowed)
+  for blob in blastic_blobs:
+    blob.paint(canvas, w_blastic, body_core)
+  for side, kind, blob in pl_blobs:  # the bone of one side: pedicle, arch, back of the body
+    allowed = _ramp(geo['main'] - 0.5) * np.clip(0.5 + (side * u - 1.0) / _RAMP_MM, 0.0, 1.0)
+    blob.paint(canvas, w_blastic if kind == BLASTIC else w_lytic, allowed)
+  return w_blastic, w_lytic
+
+
+def _regions(main, body_sdf, u) -> np.ndarray:
+  """REGION_* of every voxel of this vertebra: body, or posterior elements by side (u)."""
+  region = np.zeros(main.shape, np.int8)
+  posterior = main & (body_sdf > 0)
+  region[main & (body_sdf <= 0)] = REGION_BODY
+  region[posterior & (u > _MIDLINE_MM)] = REGION_POSTERIOR_RIGHT
+  region[posterior & (u < -_MIDLINE_MM)] = REGION_POSTERIOR_LEFT
+  region[posterior & (np.abs(u) <= _MIDLINE_MM)] = REGION_POSTERIOR_MIDLINE
+  return region
+
+
 def make_vertebra(rng: np.random.Generator, quality: int, posterolateral: int, level: str,
                   spacing_mm=(1.0, 1.0, 2.5), *, elderly_fraction: float = 0.2,
-                  lookalike_fraction: float = 0.15, grid_mm: float = 128.0) -> dict:
+                  lookalike_fraction: float = 0.15, grid_mm: float = 112.0) -> dict:
   """One phantom vertebra of `level` with the given bone quality (0-3) and posterolateral involvement (0-2).
 
   Returns volume_hu (X, Y, Z) float32 and mask (X, Y, Z) int16 in RAS (SPINEPS labels: this
-  vertebra's and its neighbours'), label, spacing, level, slice_quality (Z,) and
+  vertebra's and its neighbours'), label, level, spacing, slice_quality (Z,) and
   slice_posterolateral (Z,) (0 where the vertebra is absent), and for checks: region (X, Y, Z)
   int8 (REGION_*), lesion (X, Y, Z) int8 (1 blastic, 2 lytic), origin (mm from the grid's centre),
-  rotation and dims. The grid is grid_mm square in-plane and spans the body, both discs and 5 mm
-  of each neighbour.
+  rotation and dims. The grid is grid_mm square in-plane (the vertebra with the slice margin fits
+  in 112 mm) and spans the body, both discs and 5 mm of each neighbour.
   """
   quality, posterolateral = int(quality), int(posterolateral)
   if quality not in range(4) or posterolateral not in range(3):
@@ -350,7 +461,6 @@ def make_vertebra(rng: np.random.Generator, quality: int, posterolateral: int, l
   if quality == NORMAL and posterolateral:
     raise ValueError('a normal vertebra has no posterolateral involvement')
   level = levels_lib.normalise_level(level)
-  label = levels_lib.level_to_label(level, 'spineps')
   spacing = np.asarray(spacing_mm, np.float64)
   d = level_dims(level, rng)
   h, disc = d['height'], d['disc']
@@ -358,90 +468,18 @@ def make_vertebra(rng: np.random.Generator, quality: int, posterolateral: int, l
            int(np.ceil((h + 2 * disc + 10.0) / spacing[2])))
   canvas = _Canvas(shape, spacing, (rng.uniform(-3, 3), rng.uniform(-3, 3), rng.uniform(-0.5, 0.5) * spacing[2]),
                    _rotation(rng))
-  parts = _anatomy(d)
+  geo = _geometry(canvas, _anatomy(d), level, h, disc)
+  u = canvas.lateral()
 
-  def union(kind, shift=0.0):
-    out = np.full(shape, _FAR, np.float32)
-    for part in parts[kind]:
-      _paint_min(canvas, out, part, shift)
-    return out
-
-  body_sdf, post_sdf = union('body'), union('posterior')
-  main_sdf = np.minimum(body_sdf, post_sdf)
-  mask = np.zeros(shape, np.int16)
-  bone_sdf = main_sdf.copy()
-  for step in (-1, 1):  # -1: the vertebra above (shifted up), 1: below
-    neighbour = levels_lib.neighbour_level(level, step)
-    if neighbour is None:
-      continue
-    shift = -step * (h + disc)
-    nb = np.minimum(union('body', shift), union('posterior', shift))
-    mask[nb <= 0] = levels_lib.level_to_label(neighbour, 'spineps')
-    np.minimum(bone_sdf, nb, out=bone_sdf)
-  main = main_sdf <= 0
-  mask[main] = label
-  u = canvas.local()[0]
-
-  # Tissue values (HU).
-  elderly = rng.random() < elderly_fraction
-  trabecular = rng.uniform(90, 140) if elderly else rng.uniform(150, 350)
-  cortical, cortex_mm = rng.uniform(700, 1300), rng.uniform(1.0, 2.0)
-  lytic_hu = max(min(rng.uniform(0, 100), trabecular - 60.0), 0.0)
-  blastic_hu = rng.uniform(500, 1500)
-
-  hu = np.broadcast_to(_soft_tissue(rng, shape), shape).astype(np.float32)
-  disc_w = _ramp(union('disc'))
-  hu += disc_w * (rng.uniform(70, 100) - hu)
-  canal_sdf = union('canal')
-  hu += _ramp(canal_sdf) * (rng.uniform(0, 15) - hu)
-  if d['cord']:
-    cord = _Part(lambda uu, vv, ww: _ellipse(uu, vv, d['canal_width'] * 0.3, d['canal_depth'] * 0.25),
-                 (-20, -20, -1e4), (20, 20, 1e4))
-    cord_sdf = np.full(shape, _FAR, np.float32)
-    _paint_min(canvas, cord_sdf, cord)
-    hu += _ramp(cord_sdf) * (rng.uniform(30, 40) - hu)
-  f_in, f_core = _ramp(bone_sdf), _ramp(bone_sdf + cortex_mm)
-  hu = hu * (1 - f_in) + (f_in - f_core) * cortical + f_core * trabecular
-  texture = f_core * rng.uniform(20, 45)
-
-  body_core = _ramp(body_sdf + cortex_mm)
-  # Benign findings: the basivertebral vein channel (any vertebra), a bone island (normal ones).
-  benign = np.zeros(shape, np.float32)
-  if rng.random() < 0.4:
-    by = d['canal_depth'] / 2 + d['depth'] / 2 - 2.5
-    back = by - d['depth'] / 2
-    vein = _Part(lambda uu, vv, ww: _capsule(uu, vv, ww, (0, back, 0), (0, back + 0.35 * d['depth'], 0), 1.5, 0.8),
-                 (-2, back - 2, -3), (2, back + 0.35 * d['depth'] + 2, 3))
-    vein_sdf = np.full(shape, _FAR, np.float32)
-    _paint_min(canvas, vein_sdf, vein)
-    hu += _ramp(vein_sdf) * body_core * (rng.uniform(50, 90) - hu)
-  if quality == NORMAL and rng.random() < lookalike_fraction:
-    body_y = d['canal_depth'] / 2 + d['depth'] / 2 - 2.5
-    centre = (rng.uniform(-0.4, 0.4) * d['width'] / 2, body_y + rng.uniform(-0.3, 0.3) * d['depth'] / 2,
-              rng.uniform(-0.3, 0.3) * h)
-    island = _Blob(centre, (rng.uniform(2, 3.5), rng.uniform(2, 3.5), rng.uniform(2, 4)), power=2)
-    island.paint(canvas, benign, body_core)
-    hu += benign * (rng.uniform(700, 1100) - hu)
-
-  # Lesions.
-  blastic_blobs, lytic_blobs, pl_blobs = _lesion_blobs(rng, d, quality, posterolateral)
-  w_blastic = np.zeros(shape, np.float32)
-  w_lytic = np.zeros(shape, np.float32)
-  if lytic_blobs:
-    if rng.random() < 0.5:  # breaks the cortex: may bulge a few mm out of the body, never into the arch
-      away_from_arch = np.maximum(_ramp(body_sdf), 1.0 - _ramp(post_sdf - 1.5))
-      allowed = _ramp(body_sdf - rng.uniform(1.5, 4.0)) * away_from_arch
-    else:
-      allowed = body_core
-    for blob in lytic_blobs:
-      blob.paint(canvas, w_lytic, allowed)
-  for blob in blastic_blobs:
-    blob.paint(canvas, w_blastic, body_core)
-  for side, kind, blob in pl_blobs:
-    allowed = _ramp(main_sdf - 0.5) * np.clip(0.5 + (side * u - 1.0) / _RAMP_MM, 0.0, 1.0)
-    blob.paint(canvas, w_blastic if kind == BLASTIC else w_lytic, allowed)
-  hu += w_lytic * (lytic_hu - hu)
-  hu += w_blastic * (blastic_hu - hu)
+  trabecular = rng.uniform(90, 140) if rng.random() < elderly_fraction else rng.uniform(150, 350)
+  cortex_mm = rng.uniform(1.0, 2.0)
+  hu, texture = _tissue_hu(rng, canvas, d, geo, trabecular, cortex_mm)
+  body_core = _ramp(geo['body'] + cortex_mm)
+  _add_benign(rng, canvas, d, hu, body_core, quality == NORMAL and rng.random() < lookalike_fraction)
+  w_blastic, w_lytic = _lesion_weights(rng, canvas, d, geo, body_core, u, quality, posterolateral)
+  # Lytic: soft-tissue density, kept at least 60 HU below the trabecular bone (elderly bone ~100 HU).
+  hu += w_lytic * (max(min(rng.uniform(0, 100), trabecular - 60.0), 0.0) - hu)
+  hu += w_blastic * (rng.uniform(500, 1500) - hu)
   texture = texture * (1 - np.maximum(w_lytic, w_blastic)) + w_blastic * rng.uniform(60, 120) + w_lytic * 10.0
 
   # Texture, partial-volume blur, CT noise.
@@ -450,20 +488,15 @@ def make_vertebra(rng: np.random.Generator, quality: int, posterolateral: int, l
   hu = ndimage.gaussian_filter(hu, sigma=(blur_mm / spacing[0], blur_mm / spacing[1], 0.3), truncate=3.0)
   hu += rng.uniform(10, 30) * rng.standard_normal(shape, dtype=np.float32)
 
-  slice_quality, slice_posterolateral = _slice_labels(main, body_sdf, u, w_blastic, w_lytic, spacing)
-  region = np.zeros(shape, np.int8)
-  posterior = main & (body_sdf > 0)
-  region[main & (body_sdf <= 0)] = REGION_BODY
-  region[posterior & (u > _MIDLINE_MM)] = REGION_POSTERIOR_RIGHT
-  region[posterior & (u < -_MIDLINE_MM)] = REGION_POSTERIOR_LEFT
-  region[posterior & (np.abs(u) <= _MIDLINE_MM)] = REGION_POSTERIOR_MIDLINE
+  main = geo['main'] <= 0
+  slice_quality, slice_posterolateral = _slice_labels(main, geo['body'], u, w_blastic, w_lytic, spacing)
   lesion = np.zeros(shape, np.int8)
   lesion[w_lytic > 0.5] = 2
   lesion[w_blastic > 0.5] = 1
-  return dict(volume_hu=hu.astype(np.float32), mask=mask, label=label, level=level, spacing=tuple(spacing.tolist()),
-              slice_quality=slice_quality, slice_posterolateral=slice_posterolateral, region=region,
-              lesion=lesion, origin=canvas.origin, rotation=canvas.rotation, dims=d,
-              quality=quality, posterolateral=posterolateral)
+  return dict(volume_hu=hu.astype(np.float32), mask=geo['mask'], label=levels_lib.level_to_label(level, 'spineps'),
+              level=level, spacing=tuple(spacing.tolist()), slice_quality=slice_quality,
+              slice_posterolateral=slice_posterolateral, region=_regions(main, geo['body'], u), lesion=lesion,
+              origin=canvas.origin, rotation=canvas.rotation, dims=d, quality=quality, posterolateral=posterolateral)
 
 
 def _exact_counts(freqs, n: int) -> np.ndarray:
@@ -535,8 +568,9 @@ def build_phantom_slices(cfg, split: str) -> dict[str, np.ndarray]:
 
   image (N, S, S) float32 from `extract_vertebra_slices` with cfg.slices; quality, posterolateral,
   vertebra (index into the vert_* arrays), z_index (N,) int32; vert_quality, vert_posterolateral,
-  vert_label (SPINEPS) (V,) int32, vert_level (V,) str. Vertebra i is drawn from the seed
-  (split seed, i) alone, so a data set's first k vertebrae do not depend on its size.
+  vert_label (SPINEPS) (V,) int32, vert_level (V,) str. The classes are exact counts from the
+  configured frequencies, shuffled with the split's seed; vertebra i is then drawn from the seed
+  (split seed, i), redrawn until its slice labels give back its classes (see labels_consistent).
   """
   if split == 'train':
     n, seed = int(cfg.num_train_vertebrae), int(cfg.train_seed)
@@ -582,12 +616,16 @@ def write_phantom_nifti(out_dir, n: int, seed: int, *, top_level: str = 'L1', sp
   """
   out_dir = pathlib.Path(out_dir)
   rng = np.random.default_rng(seed)
-  first = levels_lib.level_index(top_level)
-  names = [levels_lib.LEVELS[first + k] for k in range(n)] if first + n <= len(levels_lib.LEVELS) else None
-  if n <= 0 or names is None:
+  names = [levels_lib.normalise_level(top_level)]
+  while 0 < len(names) < n and names[-1] is not None:
+    names.append(levels_lib.neighbour_level(names[-1], 1))
+  if n <= 0 or None in names:
     raise ValueError(f'cannot take {n} vertebrae downward from {top_level}')
   quality = rng.integers(0, 4, n) if qualities is None else np.asarray(qualities)
-  pl = np.where(quality == NORMAL, 0, rng.integers(0, 3, n)) if posterolaterals is None else np.asarray(posterolaterals)
+  if posterolaterals is None:
+    pl = np.where(quality == NORMAL, 0, rng.integers(0, 3, n))
+  else:
+    pl = np.asarray(posterolaterals)
   pieces, masks, records = [], [], []
   for k in range(n - 1, -1, -1):  # from the bottom up: RAS axis 2 points superior
     v = make_vertebra(np.random.default_rng([seed, k]), int(quality[k]), int(pl[k]), names[k], spacing_mm)

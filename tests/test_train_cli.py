@@ -1,0 +1,40 @@
+"""The training command as a user runs it: smoke training, resume, config errors."""
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _train(*args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "spine_jax.train", *args], capture_output=True, text=True,
+                        cwd=ROOT, timeout=timeout)
+
+
+def test_train_then_resume(tmp_path):
+  workdir = tmp_path / "run"
+  first = _train("--config=configs/mtl.py:smoke", f"--workdir={workdir}", "--config.num_train_steps=4")
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "step 4/4" in first.stdout and "balanced accuracy" in first.stdout
+  train_lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in train_lines if l["split"] == "train"] == [2, 4]
+  second = _train("--config=configs/mtl.py:smoke", f"--workdir={workdir}", "--config.num_train_steps=6")
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "resumed from step 4" in second.stderr
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines if l["split"] == "train"] == [2, 4, 6]
+  assert json.loads((workdir / "eval.json").read_text())["step"] == 6
+
+
+def test_unknown_config_field_is_named(tmp_path):
+  out = _train("--config=configs/mtl.py:smoke", f"--workdir={tmp_path}", "--config.model.no_such_field=1")
+  assert out.returncode != 0
+  assert "--config.model.no_such_field=1" in out.stderr and "no_such_field" in out.stderr
+  assert "Traceback" not in out.stderr
+  assert not any(tmp_path.iterdir())
+
+
+def test_unknown_variant_is_named(tmp_path):
+  out = _train("--config=configs/mtl.py:smokey", f"--workdir={tmp_path}")
+  assert out.returncode != 0 and "smokey" in out.stderr
