@@ -40,6 +40,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.slices = c.data.phantom.slices
   c.data.in_channels = 1             # 3 replicates the grey slice for ImageNet weights
   c.data.num_workers = 0             # grain worker processes (0: in the main process)
+  c.data.normal_fraction = 0.5       # repeat abnormal slices until normals are this share (0: as drawn)
   c.data.augment = ml_collections.ConfigDict(dict(
       flip_lr=True, flip_ap=True, max_rotation_deg=30.0, intensity_scale=0.1, intensity_shift=0.1, noise_std=0.05))
 

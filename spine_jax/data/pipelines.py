@@ -18,7 +18,7 @@ from spine_jax.data import augment as augment_lib
 class ArraySource:
   """Random access to a dict of equally long numpy arrays, one element = one row of each."""
 
-  def __init__(self, arrays: dict[str, np.ndarray], keys: Sequence[str]):
+  def __init__(self, arrays: dict[str, np.ndarray], keys: Sequence[str], indices: np.ndarray | None = None):
     missing = [k for k in keys if k not in arrays]
     if missing:
       raise KeyError(f"data set lacks arrays {missing}")
@@ -26,15 +26,34 @@ class ArraySource:
     lengths = {len(v) for v in self._arrays.values()}
     if len(lengths) != 1:
       raise ValueError(f"arrays differ in length: { {k: len(v) for k, v in self._arrays.items()} }")
-    self._len = lengths.pop()
-    if self._len == 0:
+    n = lengths.pop()
+    self._indices = np.arange(n) if indices is None else np.asarray(indices)
+    if len(self._indices) == 0:
       raise ValueError("the data set is empty")
 
   def __len__(self) -> int:
-    return self._len
+    return len(self._indices)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return {k: v[index] for k, v in self._arrays.items()}
+    i = self._indices[index]
+    return {k: v[i] for k, v in self._arrays.items()}
+
+
+def oversample_minority(labels: np.ndarray, majority_fraction: float, seed: int, majority: int = 0) -> np.ndarray:
+  """Indices in which the minority-class elements repeat until the majority class is `majority_fraction`.
+
+  The authors capped normal slices to counter a 91% normal training set; repeating the rare slices
+  instead keeps every normal one. 0 (or a fraction at or above the natural one) keeps the data as is.
+  """
+  labels = np.asarray(labels)
+  idx = np.arange(len(labels))
+  major, minor = idx[labels == majority], idx[labels != majority]
+  if not majority_fraction or len(minor) == 0 or len(major) / len(labels) <= majority_fraction:
+    return idx
+  want = int(round(len(major) * (1 - majority_fraction) / majority_fraction))
+  reps, rest = divmod(want, len(minor))
+  extra = np.random.default_rng(seed).choice(minor, rest, replace=False)
+  return np.sort(np.concatenate([major, np.tile(minor, reps), extra]))
 
 
 class ProcessShardOfBatches(grain.MapDataset):
@@ -98,7 +117,8 @@ CLASSIFIER_KEYS = ("image", "quality", "posterolateral")
 
 
 def classifier_train_iterator(arrays, config, process_index=None, process_count=None):
-  source = ArraySource(arrays, CLASSIFIER_KEYS)
+  indices = oversample_minority(arrays["quality"], config.data.get("normal_fraction", 0.0), config.seed)
+  source = ArraySource(arrays, CLASSIFIER_KEYS, indices)
   transform = classifier_transform(config.data.augment, config.data.in_channels)
   return train_iterator(source, global_batch=config.batch_size, seed=config.seed, transform=transform,
                         num_workers=config.data.num_workers, process_index=process_index,
