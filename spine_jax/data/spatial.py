@@ -89,7 +89,8 @@ def check_volume(array: np.ndarray, *, name=None, max_voxels: int | None = DEFAU
     raise VolumeError(f'{_label(name)}: {bad} NaN or infinite voxel value(s)')
 
 
-def check_voxel_count(shape, *, name=None, max_voxels: int | None = DEFAULT_MAX_VOXELS, what: str = 'volume') -> None:
+def check_voxel_count(shape, *, name=None, max_voxels: int | None = DEFAULT_MAX_VOXELS,
+                      what: str = 'volume') -> None:
   """Raise VolumeTooLargeError naming the size and the limit when prod(shape) > max_voxels."""
   count = int(np.prod(shape, dtype=np.int64))
   if max_voxels is not None and count > max_voxels:
@@ -198,7 +199,7 @@ def from_model_space(array: np.ndarray, model_space: ModelSpace, *, is_mask: boo
 
 
 def shift_and_cap_intensity(image: np.ndarray, max_value: float = SPINEPS_MAX_INTENSITY) -> np.ndarray:
-  """SPINEPS' MRI intensity step: minimum shifted to 0, then scaled down linearly if the maximum exceeds `max_value`.
+  """SPINEPS' MRI intensity step: minimum shifted to 0, then scaled linearly so the maximum is <= `max_value`.
 
   MRI intensities have no physical unit; this puts every scanner's output in the range the
   networks were trained on without changing contrast.
@@ -219,7 +220,8 @@ def zscore(image: np.ndarray, eps: float = 1e-8) -> np.ndarray:
   return ((image.astype(np.float64) - mean) / max(std, eps)).astype(np.float32)
 
 
-def normalise_mri(image: np.ndarray, *, max_value: float = SPINEPS_MAX_INTENSITY, standardise: bool = True) -> np.ndarray:
+def normalise_mri(image: np.ndarray, *, max_value: float = SPINEPS_MAX_INTENSITY,
+                  standardise: bool = True) -> np.ndarray:
   """The full MRI intensity pipeline: `shift_and_cap_intensity`, then `zscore` unless `standardise=False`."""
   shifted = shift_and_cap_intensity(image, max_value)
   return zscore(shifted) if standardise else shifted

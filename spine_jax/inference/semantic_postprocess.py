@@ -72,7 +72,8 @@ def margin_voxels(spacing, margin_mm: float) -> np.ndarray:
   return np.array([max(0, math.ceil(margin_mm / s - 1e-6)) for s in spacing], np.int64)
 
 
-def largest_component_bbox(seg: np.ndarray, spacing, margin_mm: float = 3.0, connectivity: int = 26) -> tuple | None:
+def largest_component_bbox(seg: np.ndarray, spacing, margin_mm: float = 3.0,
+                           connectivity: int = 26) -> tuple | None:
   """Slices of the bounding box of the largest connected piece of seg > 0, grown by the margin; None if empty."""
   components, count = ndimage.label(np.asarray(seg) > 0, connectivity_structure(connectivity))
   if count == 0:
@@ -83,7 +84,8 @@ def largest_component_bbox(seg: np.ndarray, spacing, margin_mm: float = 3.0, con
   return tuple(slice(max(0, b.start - g), min(n, b.stop + g)) for b, g, n in zip(box, grow, np.shape(seg)))
 
 
-def keep_largest_component_bbox(seg: np.ndarray, spacing, margin_mm: float = 3.0, connectivity: int = 26) -> np.ndarray:
+def keep_largest_component_bbox(seg: np.ndarray, spacing, margin_mm: float = 3.0,
+                                connectivity: int = 26) -> np.ndarray:
   """Zero everything outside the largest piece's bounding box plus `margin_mm` (mm, per-axis spacing)."""
   box = largest_component_bbox(seg, spacing, margin_mm, connectivity)
   out = np.zeros_like(seg)
@@ -131,7 +133,9 @@ def postprocess_semantic(seg: np.ndarray, spacing, cfg: ml_collections.ConfigDic
     out = remove_small_components(out, tuple(cfg.small_component_labels), int(cfg.min_component_voxels),
                                   int(cfg.small_component_connectivity))
   if cfg.crop_to_largest_component:
-    out = keep_largest_component_bbox(out, spacing, float(cfg.bbox_margin_mm), int(cfg.largest_component_connectivity))
+    out = keep_largest_component_bbox(out, spacing, float(cfg.bbox_margin_mm),
+                                      int(cfg.largest_component_connectivity))
   if cfg.fill_holes:
-    out = fill_holes(out, tuple(cfg.fill_hole_labels), SAGITTAL_AXIS if cfg.fill_holes_per_sagittal_slice else None)
+    slice_axis = SAGITTAL_AXIS if cfg.fill_holes_per_sagittal_slice else None
+    out = fill_holes(out, tuple(cfg.fill_hole_labels), slice_axis)
   return out if out is not seg else np.array(out, copy=True)

@@ -16,8 +16,8 @@ import numpy as np
 from scipy import ndimage
 
 
-def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8, value_scaling_factor: float = 10.0,
-                            dtype=np.float32) -> np.ndarray:
+def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8,
+                            value_scaling_factor: float = 10.0, dtype=np.float32) -> np.ndarray:
   """nnU-Net's `compute_gaussian`: a Gaussian of sigma = patch * sigma_scale centred at patch // 2.
 
   Normalised to a maximum of `value_scaling_factor`; zeros (beyond scipy's 4-sigma truncation)
@@ -38,7 +38,8 @@ def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 
   return result
 
 
-def sliding_window_steps(image_size: Sequence[int], patch_size: Sequence[int], step_size: float = 0.5) -> list[list[int]]:
+def sliding_window_steps(image_size: Sequence[int], patch_size: Sequence[int],
+                         step_size: float = 0.5) -> list[list[int]]:
   """nnU-Net's `compute_steps_for_sliding_window`: patch start offsets per axis.
 
   ceil((image - patch) / (patch * step_size)) + 1 starts per axis, evenly spaced from 0 to
@@ -145,4 +146,4 @@ def sliding_window_predict(predict_fn: Callable, image: np.ndarray, patch_size: 
       if progress is not None:
         progress(done, len(starts))
     previous = current
-  return (summed / weights[..., None])[crop]
+  return np.ascontiguousarray((summed / weights[..., None])[crop])

@@ -25,13 +25,19 @@ def _config():
   return c
 
 
-def _train(config, arrays, num_devices, num_steps):
+def _setup(config, num_devices):
+  """(mesh, task, optimizer, fresh state, jitted step) on a mesh of `num_devices`."""
   mesh = mesh_lib.make_mesh(num_devices)
   task = tasks.get_task(config)
   tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
   state = state_lib.create_train_state(task.model, tx, task.init_shape, jax.random.key(0), mesh)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   step_fn = steps.jit_train_step(task.train_step, config, shardings, mesh_lib.batch_sharding(mesh))
+  return mesh, task, tx, state, step_fn
+
+
+def _train(config, arrays, num_devices, num_steps):
+  mesh, _, _, state, step_fn = _setup(config, num_devices)
   it = pipelines.classifier_train_iterator(arrays, config)
   metrics = []
   for _ in range(num_steps):
@@ -73,12 +79,7 @@ def test_pipeline_is_deterministic_and_reshuffles_each_epoch():
 
 def test_checkpoint_round_trip_continues_with_identical_next_batch(tmp_path):
   config, arrays = _config(), _synthetic_arrays()
-  mesh = mesh_lib.make_mesh(2)
-  task = tasks.get_task(config)
-  tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
-  state = state_lib.create_train_state(task.model, tx, task.init_shape, jax.random.key(0), mesh)
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  step_fn = steps.jit_train_step(task.train_step, config, shardings, mesh_lib.batch_sharding(mesh))
+  mesh, task, tx, state, step_fn = _setup(config, 2)
   it = pipelines.classifier_train_iterator(arrays, config)
   for _ in range(2):
     state, _ = step_fn(state, mesh_lib.global_batch(next(it), mesh))

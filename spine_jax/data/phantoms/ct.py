@@ -28,6 +28,7 @@ from spine_jax.data import levels as levels_lib
 from spine_jax.data import manifest as manifest_lib
 from spine_jax.data import nifti
 from spine_jax.data import slices as slices_lib
+from spine_jax.metrics import classification
 
 NORMAL, BLASTIC, MIXED, LYTIC = range(4)
 QUALITY_CLASSES = manifest_lib.QUALITY_CLASSES
@@ -513,26 +514,16 @@ def _exact_counts(freqs, n: int) -> np.ndarray:
 def labels_consistent(quality: int, posterolateral: int, slice_quality, slice_posterolateral) -> bool:
   """Whether the slice labels give back the vertebra's labels under the evaluation's rules, with margin.
 
-  Mirrors metrics.classification: normal if more than 70% of slices are normal, else the lesion
-  share (a mixed slice counting as both) decides blastic / lytic (> 0.7) or mixed; posterolateral
-  = the most severe class with more than 20% of slices at least that severe. Here an abnormal
-  vertebra needs at least 40% lesion slices and a posterolateral class at least 25%.
+  The rules are metrics.classification's; the margin: an abnormal vertebra needs at least 40% lesion
+  slices (normal share 0.6 instead of 0.7), and a posterolateral class at least 25% of the slices.
   """
   sq, sp = np.asarray(slice_quality), np.asarray(slice_posterolateral)
-  n = sq.size
-  counts = np.bincount(sq, minlength=4)
   if quality == NORMAL:
-    return counts[0] == n and not sp.any()
-  if counts[0] / n > 0.6:
-    return False
-  b, m, l = counts[1], counts[2], counts[3]
-  share_b, share_l = (b + m) / (b + l + 2 * m), (l + m) / (b + l + 2 * m)
-  decided = BLASTIC if share_b > 0.7 else LYTIC if share_l > 0.7 else MIXED
-  if decided != quality:
-    return False
-  at_least = [np.mean(sp >= c) for c in range(3)]
-  worst = max([c for c in (1, 2) if at_least[c] > 0.2], default=0)
-  return worst == posterolateral and (posterolateral == 0 or at_least[posterolateral] >= 0.25)
+    return not sq.any() and not sp.any()
+  pl_counts = np.bincount(sp, minlength=3)
+  return (classification.quality_from_counts(np.bincount(sq, minlength=4), normal_fraction=0.6) == quality
+          and classification.posterolateral_from_counts(pl_counts, min_fraction=0.2) == posterolateral
+          and (posterolateral == 0 or pl_counts[posterolateral:].sum() / sp.size >= 0.25))
 
 
 def _vertebra_with_slices(seed_seq, quality, posterolateral, levels, cfg):
