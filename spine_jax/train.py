@@ -33,7 +33,7 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
   loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

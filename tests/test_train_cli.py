@@ -21,7 +21,7 @@ def test_train_then_resume(tmp_path):
   assert [l["step"] for l in train_lines if l["split"] == "train"] == [2, 4]
   second = _train("--config=configs/mtl.py:smoke", f"--workdir={workdir}", "--config.num_train_steps=6")
   assert second.returncode == 0, second.stderr[-3000:]
-  assert "resumed from step 4" in second.stderr
+  assert "resumed from step 4" in second.stdout
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines if l["split"] == "train"] == [2, 4, 6]
   assert json.loads((workdir / "eval.json").read_text())["step"] == 6

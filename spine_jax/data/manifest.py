@@ -61,7 +61,7 @@ def _format(path: pathlib.Path) -> str:
   raise ManifestError(f'{path}: unknown manifest format {suffix!r}; use .csv or .jsonl (JSON lines)')
 
 
-def _raw_rows(path: pathlib.Path) -> list[tuple[int, int, dict]]:
+def _raw_rows(path: pathlib.Path, required=REQUIRED) -> list[tuple[int, int, dict]]:
   """(row, line, fields) of every non-blank row; missing CSV columns are reported here."""
   try:
     text = path.read_text(encoding='utf-8-sig')
@@ -73,7 +73,7 @@ def _raw_rows(path: pathlib.Path) -> list[tuple[int, int, dict]]:
     header = [h.strip() for h in reader.fieldnames or []]
     if not header:
       raise ManifestError(f'{path}: empty manifest (no header and no rows)')
-    missing = [c for c in REQUIRED if c not in header]
+    missing = [c for c in required if c not in header]
     if missing:
       raise ManifestError(f'{path}: missing column(s) {", ".join(missing)}; the header has {", ".join(header)}')
     reader.fieldnames = header
@@ -262,3 +262,45 @@ def build_manifest_slices(manifest_path, slice_cfg, split: str | None = None) ->
   data['vert_level'] = np.array([r.level or '' for r in records])
   data['vert_image'] = np.array([str(r.image) for r in records])
   return data
+
+
+SCAN_REQUIRED = ('image', 'semantic')
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanRecord:
+  """One MRI scan of a segmentation manifest: image, SPINEPS semantic mask, optional instance mask."""
+  image: pathlib.Path
+  semantic: pathlib.Path
+  instance: pathlib.Path | None
+  split: str | None
+  where: str  # manifest, row and line, for error messages
+
+
+def read_scan_manifest(path, split: str | None = None) -> list[ScanRecord]:
+  """A CSV / JSON-lines manifest with columns image, semantic, optional instance and split.
+
+  Paths are relative to the manifest's folder or absolute; BIDS names or any others are fine.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ManifestError(f'{path}: manifest not found')
+  rows = _raw_rows(path, SCAN_REQUIRED)
+  if not rows:
+    raise ManifestError(f'{path}: empty manifest (no rows)')
+  records = []
+  for row, line, fields in rows:
+    where = f'{path}, row {row} (line {line})'
+    missing = [k for k in SCAN_REQUIRED if _optional(fields, k) is None]
+    if missing:
+      raise ManifestError(f'{where}: missing field(s) {", ".join(missing)}')
+    instance = _optional(fields, 'instance')
+    split_value = _optional(fields, 'split')
+    if split_value is not None and str(split_value).lower() not in SPLITS:
+      raise ManifestError(f"{where}, field 'split': unknown split {split_value!r}; expected one of {', '.join(SPLITS)}")
+    records.append(ScanRecord(
+        image=_file(fields['image'], path.parent, where, 'image'),
+        semantic=_file(fields['semantic'], path.parent, where, 'semantic'),
+        instance=None if instance is None else _file(instance, path.parent, where, 'instance'),
+        split=None if split_value is None else str(split_value).lower(), where=where))
+  return _select(path, records, split)

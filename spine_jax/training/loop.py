@@ -104,6 +104,12 @@ class Preempted(SystemExit):
     self.step = step
 
 
+def _say(msg: str) -> None:
+  """Progress for the person running the command: process 0 only, on stdout (library logs stay quiet)."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
 def _progress(step, total, scalars, rate, elapsed) -> str:
   eta = (total - step) / rate if rate > 0 else float("nan")
   shown = " | ".join(f"{k} {v:.4g}" for k, v in scalars.items() if k in
@@ -119,22 +125,22 @@ def train_and_evaluate(config, workdir) -> dict:
   task = tasks.get_task(config)
   mesh = mesh_lib.make_mesh()
   mesh_lib.local_batch_size(config.batch_size, mesh)  # fails early on a batch the mesh cannot split
-  logging.info(mesh_lib.describe(mesh))
+  print(mesh_lib.describe(mesh), flush=True)  # every process: its devices and the mesh
   tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
   abstract = state_lib.abstract_train_state(task.model, tx, task.init_shape, mesh)
   state_sharding = jax.tree.map(lambda s: s.sharding, abstract)
 
   t0 = time.time()
   data_iter = task.train_iterator()
-  logging.info("data ready in %.1f s", time.time() - t0)
+  _say(f"training data ready in {time.time() - t0:.1f} s")
   mngr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
   if mngr.latest_step() is not None:
     state, start = checkpoints.restore(mngr, abstract, data_iter)
-    logging.info("resumed from step %d in %s", start, workdir)
+    _say(f"resumed from step {start} in {workdir}")
   else:
     state = state_lib.create_train_state(task.model, tx, task.init_shape, jax.random.key(config.seed), mesh)
     start = 0
-    logging.info("new run: %d parameters", state_lib.count_params(state.params))
+    _say(f"new run in {workdir}: {state_lib.count_params(state.params):,} parameters")
 
   train_step = steps.jit_train_step(task.train_step, config, state_sharding, mesh_lib.batch_sharding(mesh))
   lr_fn = state_lib.learning_rate_schedule(config.optimizer, config.num_train_steps)
@@ -157,8 +163,7 @@ def train_and_evaluate(config, workdir) -> dict:
           rate = (step - step_log) / max(now - t_log, 1e-9)
           scalars["steps_per_s"] = rate
           writer.write(step, scalars)
-          if jax.process_index() == 0:
-            print(_progress(step, config.num_train_steps, scalars, rate, now - t_start), flush=True)
+          _say(_progress(step, config.num_train_steps, scalars, rate, now - t_start))
           t_log, step_log = now, step
         if config.checkpoint_every and step % config.checkpoint_every == 0:
           checkpoints.save(mngr, step, state, data_iter, config)

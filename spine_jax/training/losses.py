@@ -1,12 +1,12 @@
-"""Per-sample classification losses for the bone-quality multi-task model.
+"""Losses: per-sample classification losses of the bone-quality model; Dice + CE for segmentation.
 
-Every function returns one loss per sample (no reduction) so that self-paced
-learning can weight samples before averaging. Losses are computed in float32
-whatever the logits' dtype, since bf16 log-probabilities lose the small
-differences label smoothing relies on.
+The classification functions return one loss per sample (no reduction) so that self-paced
+learning can weight samples before averaging. Losses are computed in float32 whatever the logits'
+dtype, since bf16 log-probabilities lose the small differences label smoothing relies on.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 QUALITY_NORMAL, QUALITY_BLASTIC, QUALITY_MIXED, QUALITY_LYTIC = 0, 1, 2, 3
@@ -87,3 +87,57 @@ def multitask_losses(outputs, batch, smoothing, task_weights):
         outputs['posterolateral'], batch['posterolateral'], smoothing)
   total = sum(task_weights.get(name, 1.0) * per_task[name] for name in present)
   return total, per_task
+
+
+def soft_dice_loss(logits, labels, *, batch_dice=True, include_background=False, smooth=1e-5):
+  """nnU-Net's soft Dice loss: −mean over classes of (2·Σpy + s) / (Σp + Σy + s).
+
+  Args:
+    logits: (B, X, Y, Z, K) scores. labels: (B, X, Y, Z) int class indices.
+    batch_dice: sums over the batch as well as space (nnU-Net's batch_dice), so a class absent
+      from one patch does not get a Dice of 0 for that patch.
+  """
+  logits = jnp.asarray(logits, jnp.float32)
+  k = logits.shape[-1]
+  probs = jax.nn.softmax(logits, axis=-1)
+  onehot = jax.nn.one_hot(labels, k, dtype=jnp.float32)
+  if not include_background:
+    probs, onehot = probs[..., 1:], onehot[..., 1:]
+  axes = tuple(range(logits.ndim - 1)) if batch_dice else tuple(range(1, logits.ndim - 1))
+  intersect = jnp.sum(probs * onehot, axis=axes)
+  denom = jnp.sum(probs, axis=axes) + jnp.sum(onehot, axis=axes)
+  return -jnp.mean((2.0 * intersect + smooth) / jnp.maximum(denom + smooth, 1e-8))
+
+
+def dice_ce_loss(logits, labels, *, dice_weight=1.0, ce_weight=1.0, batch_dice=True):
+  """nnU-Net's DC_and_CE_loss: voxel-mean cross-entropy plus soft Dice (background excluded)."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits, jnp.float32), labels).mean()
+  return ce_weight * ce + dice_weight * soft_dice_loss(logits, labels, batch_dice=batch_dice)
+
+
+def deep_supervision_weights(n: int) -> np.ndarray:
+  """1, 1/2, 1/4, ... for outputs from full to lowest resolution; the lowest gets 0 (as nnU-Net v2);
+  normalised to sum to 1."""
+  w = np.array([0.5 ** i for i in range(n)], np.float32)
+  if n > 1:
+    w[-1] = 0.0
+  return w / w.sum()
+
+
+def deep_supervision_loss(outputs, labels, **kwargs):
+  """Dice + CE summed over deep-supervision outputs against nearest-downsampled labels.
+
+  outputs: list of (B, X/f, Y/f, Z/f, K) logits, full resolution first (or one array);
+  each level's labels are the full-resolution labels taken every f voxels along each axis, f read
+  off the shapes. Returns (total, per-level losses).
+  """
+  if not isinstance(outputs, (list, tuple)):
+    outputs = [outputs]
+  weights = deep_supervision_weights(len(outputs))
+  full = labels.shape[1:4]
+  per_level = []
+  for out in outputs:
+    f = [a // b for a, b in zip(full, out.shape[1:4])]
+    per_level.append(dice_ce_loss(out, labels[:, ::f[0], ::f[1], ::f[2]], **kwargs))
+  total = sum(float(w) * l for w, l in zip(weights, per_level) if w > 0)
+  return total, per_level

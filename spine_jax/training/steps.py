@@ -1,4 +1,4 @@
-"""train_step / eval_step of the bone-quality classifier. Pure functions of (state, batch)."""
+"""train_step / eval_step per task (classifier, segmentation). Pure functions of (state, batch)."""
 from __future__ import annotations
 
 import functools
@@ -16,9 +16,7 @@ def classifier_train_step(state, batch, *, config):
   spl = config.self_paced
 
   def loss_fn(params):
-    outputs, updates = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
-        mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+    outputs, updates = _apply_train(state, params, batch["image"], dropout_rng)
     per_sample, per_task = losses.multitask_losses(
         outputs, batch, config.loss.smoothing, dict(config.loss.task_weights))
     weights = self_paced.self_paced_weights(per_sample, state.step, spl)
@@ -55,3 +53,49 @@ def jit_train_step(step_fn, config, state_sharding, batch_sharding):
   """jit with the state donated, the state replicated and the batch split over the mesh."""
   return jax.jit(functools.partial(step_fn, config=config), donate_argnums=0,
                  in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None))
+
+
+def _apply_train(state, params, x, rng):
+  """Train-mode forward pass; BatchNorm statistics are updated only when the model has them."""
+  variables = {"params": params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+    return state.apply_fn(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+  return state.apply_fn(variables, x, train=True, rngs={"dropout": rng}), {}
+
+
+def segmentation_train_step(state, batch, *, config):
+  """Dice + CE over the deep-supervision outputs; metrics include nnU-Net's online pseudo-Dice."""
+  rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+
+  def loss_fn(params):
+    outputs, updates = _apply_train(state, params, batch["image"], rng)
+    total, per_level = losses.deep_supervision_loss(outputs, batch["labels"], batch_dice=config.loss.batch_dice)
+    return total, (updates, outputs, per_level)
+
+  (loss, (updates, outputs, per_level)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+  full = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+  return state, {"loss": loss, "loss_full_res": per_level[0], "grad_norm": _global_norm(grads),
+                 "dice": pseudo_dice(full.argmax(-1), batch["labels"], full.shape[-1])}
+
+
+def pseudo_dice(pred, labels, num_classes):
+  """Mean Dice over the foreground classes present in prediction or truth (the batch pooled)."""
+  classes = jnp.arange(1, num_classes)
+  p = pred[..., None] == classes
+  t = labels[..., None] == classes
+  axes = tuple(range(pred.ndim))
+  tp = jnp.sum(p & t, axis=axes)
+  denom = jnp.sum(p, axis=axes) + jnp.sum(t, axis=axes)
+  present = denom > 0
+  return jnp.sum(jnp.where(present, 2.0 * tp / jnp.maximum(denom, 1), 0.0)) / jnp.maximum(present.sum(), 1)
+
+
+def segmentation_logits(state, images):
+  """Full-resolution logits only (deep-supervision heads are training-time)."""
+  variables = {"params": state.params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  out = state.apply_fn(variables, images, train=False)
+  return out[0] if isinstance(out, (list, tuple)) else out

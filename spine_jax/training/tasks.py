@@ -7,4 +7,7 @@ def get_task(config):
   if name == "mtl":
     from spine_jax.training.classifier import ClassifierTask
     return ClassifierTask(config)
-  raise ValueError(f"config.task: unknown task {name!r} (mtl)")
+  if name == "semantic":
+    from spine_jax.training.segmentation import SemanticTask
+    return SemanticTask(config)
+  raise ValueError(f"config.task: unknown task {name!r} (mtl, semantic)")

@@ -90,3 +90,36 @@ def test_multitask_losses_single_task_and_default_weight():
   np.testing.assert_allclose(total, losses.smoothed_cross_entropy(outputs['quality'], batch['quality'], 0.1))
   with pytest.raises(ValueError):
     losses.multitask_losses({'features': np.zeros((2, 3))}, batch, 0.1, {})
+
+
+# --- segmentation losses -------------------------------------------------------------------------
+
+def test_soft_dice_of_a_perfect_prediction_is_minus_one():
+  labels = jnp.array(np.random.default_rng(0).integers(0, 3, (2, 4, 4, 2)))
+  logits = 50.0 * jax.nn.one_hot(labels, 3)
+  np.testing.assert_allclose(float(losses.soft_dice_loss(logits, labels)), -1.0, atol=1e-5)
+  np.testing.assert_allclose(float(losses.dice_ce_loss(logits, labels)), -1.0, atol=1e-4)
+
+
+def test_soft_dice_by_hand():
+  # One sample, 4 voxels, 2 classes; class 1 predicted with p = (1, 1, 0, 0), truth (1, 0, 1, 0).
+  labels = jnp.array([1, 0, 1, 0]).reshape(1, 4, 1, 1)
+  p1 = np.array([1.0, 1.0, 0.0, 0.0])
+  logits = jnp.asarray(np.stack([np.log(1 - p1 + 1e-12), np.log(p1 + 1e-12)], -1).reshape(1, 4, 1, 1, 2))
+  # Dice of class 1 = 2·1 / (2 + 2) = 0.5 (background excluded).
+  np.testing.assert_allclose(float(losses.soft_dice_loss(logits, labels)), -0.5, atol=1e-5)
+
+
+def test_deep_supervision_weights_follow_nnunet():
+  np.testing.assert_allclose(losses.deep_supervision_weights(4), np.array([1, 0.5, 0.25, 0]) / 1.75)
+  np.testing.assert_allclose(losses.deep_supervision_weights(1), [1.0])
+
+
+def test_deep_supervision_loss_downsamples_labels_by_shape():
+  rng = np.random.default_rng(1)
+  labels = jnp.array(rng.integers(0, 3, (1, 8, 8, 4)))
+  outs = [50.0 * jax.nn.one_hot(labels, 3), 50.0 * jax.nn.one_hot(labels[:, ::2, ::2, ::1], 3),
+          jnp.zeros((1, 2, 2, 2, 3))]
+  total, per_level = losses.deep_supervision_loss(outs, labels)
+  assert len(per_level) == 3
+  np.testing.assert_allclose(float(total), -1.0, atol=1e-4)  # the lowest level has weight 0

@@ -1,0 +1,85 @@
+"""SPINEPS phase 1: the semantic 3D U-Net on sagittal T2w MRI (arXiv 2402.16368).
+
+  python -m spine_jax.train --config=configs/semantic.py --workdir=runs/semantic
+
+Variants (after the colon, combined with commas):
+  ''        default: a small U-Net on phantom spines that trains on a 2-core CPU in minutes.
+  'nnunet'  nnU-Net 3d_fullres scale: 6 stages 32..320, SGD Nesterov 0.99 with poly decay, 1000 epochs'
+            worth of steps; for GPUs/TPUs.
+  'bf16'    bfloat16 compute (parameters stay float32).
+  'smoke'   a tiny U-Net, tiny volumes and a few steps, for tests and launch checks.
+"""
+import ml_collections
+
+from spine_jax.data import patches
+from spine_jax.data import spatial
+from spine_jax.data.phantoms import mri as mri_phantoms
+from spine_jax.models import unet
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  variants = {v for v in arg.split(",") if v}
+  unknown = variants - {"nnunet", "bf16", "smoke"}
+  if unknown:
+    raise ValueError(f"configs/semantic.py: unknown variant(s) {sorted(unknown)}")
+
+  c = ml_collections.ConfigDict()
+  c.task = "semantic"
+  c.seed = 0
+
+  c.model = unet.default_unet_config()
+  c.model.n_stages = 5
+  c.model.features_per_stage = (16, 32, 64, 96, 128)
+  c.model.kernel_sizes = ((3, 3, 3),) * 5
+  c.model.strides = ((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2), (2, 2, 1))
+  c.model.n_conv_per_stage = (2,) * 5
+  c.model.n_conv_per_stage_decoder = (2,) * 4
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "phantom"          # 'phantom' | 'manifest'
+  c.data.manifest = ""               # CSV / JSON lines: image, semantic[, instance][, split]
+  c.data.test_manifest = ""
+  c.data.phantom = mri_phantoms.default_mri_phantom_config()
+  c.data.preprocess = ml_collections.ConfigDict(dict(
+      axcodes=spatial.PIR, spacing=spatial.REFERENCE_SPACING, image_order=3,
+      max_intensity=spatial.SPINEPS_MAX_INTENSITY, max_voxels=spatial.DEFAULT_MAX_VOXELS,
+      max_locations_per_class=10000))
+  c.data.patch = patches.default_patch_config()
+  c.data.patch.patch_size = (64, 128, 32)
+  c.data.num_workers = 0             # grain worker processes for patch sampling
+  c.data.prep_workers = 2            # processes preparing volumes at start-up
+
+  c.batch_size = 2
+  c.num_train_steps = 1500
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=3e-3, weight_decay=3e-5, b1=0.9, b2=0.999, momentum=0.99, nesterov=True,
+      warmup_steps=50, schedule="poly", end_learning_rate_factor=0.0, grad_clip_norm=12.0))
+  c.loss = ml_collections.ConfigDict(dict(batch_dice=True))
+  c.inference = ml_collections.ConfigDict(dict(step_size=0.5, batch_size=2, mirror_axes=()))
+  c.log_every = 50
+  c.checkpoint_every = 250
+  c.keep_checkpoints = 2
+
+  if "nnunet" in variants:
+    c.model = unet.default_unet_config()
+    c.model.strides = ((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 1))
+    c.data.patch.patch_size = (128, 192, 64)
+    c.data.phantom = mri_phantoms.whole_spine_config()
+    c.batch_size = 2
+    c.num_train_steps = 250_000
+    c.optimizer.update(name="sgd", learning_rate=1e-2, weight_decay=3e-5, warmup_steps=0, schedule="poly")
+    c.inference.mirror_axes = (0, 1, 2)
+    c.log_every = 250
+    c.checkpoint_every = 5000
+  if "bf16" in variants:
+    c.model.dtype = "bfloat16"
+  if "smoke" in variants:
+    c.model = unet.tiny_unet_config()
+    c.data.patch.patch_size = (32, 32, 16)
+    c.data.phantom.num_train_volumes = 2
+    c.data.phantom.num_test_volumes = 1
+    c.data.prep_workers = 1
+    c.num_train_steps = 4
+    c.log_every = 2
+    c.checkpoint_every = 2
+  return c

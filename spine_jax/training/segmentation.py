@@ -1,0 +1,111 @@
+"""SPINEPS phase 1 (semantic U-Net) as a training task: patches, Dice + CE, sliding-window evaluation."""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import numpy as np
+
+from spine_jax.data import patches
+from spine_jax.data import pipelines
+from spine_jax.data import spine_labels
+from spine_jax.data import volumes as volumes_lib
+from spine_jax.inference import sliding_window
+from spine_jax.metrics import segmentation as seg_metrics
+from spine_jax.models import unet
+from spine_jax.training import mesh as mesh_lib
+from spine_jax.training import steps
+
+STRUCTURES = tuple(i for i in spine_labels.SEMANTIC_IDS if i)
+
+
+def make_logits_fn(state, mesh):
+  """Patches (B, X, Y, Z, C) numpy -> full-resolution logits (numpy), the batch split over the mesh."""
+  fn = jax.jit(steps.segmentation_logits, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)))
+  return lambda x: np.asarray(jax.device_get(fn(state, mesh_lib.global_batch(x, mesh))))
+
+
+def predict_volume(logits_fn, image: np.ndarray, cfg) -> np.ndarray:
+  """Class-index map (X, Y, Z) of one model-space volume by Gaussian-weighted sliding window."""
+  probs = sliding_window.sliding_window_predict(
+      logits_fn, image[..., None], tuple(cfg.data.patch.patch_size), spine_labels.NUM_CLASSES,
+      step_size=cfg.inference.step_size, batch_size=cfg.inference.batch_size,
+      use_gaussian=True, mirror_axes=tuple(cfg.inference.mirror_axes))
+  return probs.argmax(-1).astype(np.uint8)
+
+
+class SemanticTask:
+  """What the generic loop needs from the semantic segmentation model."""
+
+  train_step = staticmethod(steps.segmentation_train_step)
+
+  def __init__(self, config):
+    self.config = config
+    self.model = unet.build_unet(config.model)
+    self.init_shape = (1, *config.data.patch.patch_size, config.model.in_channels)
+    self._test = None
+
+  def train_iterator(self, process_index=None, process_count=None):
+    cfg = self.config
+    vols = [v.as_record() for v in volumes_lib.load_split(cfg.data, "train", cfg.data.prep_workers)]
+    lr_swap = spine_labels.left_right_swap()
+    patch_cfg = cfg.data.patch
+
+    def transform(volume, rng):
+      return patches.sample_training_patch(volume, rng, patch_cfg, lr_swap)
+
+    return pipelines.train_iterator(_ListSource(vols), global_batch=cfg.batch_size, seed=cfg.seed,
+                                    transform=transform, num_workers=cfg.data.num_workers,
+                                    process_index=process_index, process_count=process_count)
+
+  def evaluate(self, state, mesh, workdir: pathlib.Path | None = None) -> dict:
+    """Dice and ASSD per structure on the held-out volumes (model space, before post-processing)."""
+    cfg = self.config
+    if self._test is None:
+      self._test = volumes_lib.load_split(cfg.data, "test", cfg.data.prep_workers)
+    logits_fn = make_logits_fn(state, mesh)
+    per_volume = []
+    for vol in self._test:
+      pred = spine_labels.indices_to_ids(predict_volume(logits_fn, vol.image, cfg))
+      ref = spine_labels.indices_to_ids(vol.labels)
+      report = seg_metrics.segmentation_report(pred, ref, vol.spacing, dict(spine_labels.STRUCTURE_NAMES))
+      per_volume.append({"name": vol.name, **report})
+    names = [spine_labels.structure_name(i) for i in STRUCTURES]
+    dice = {n: _mean([v["labels"][n]["dice"] for v in per_volume]) for n in names}
+    assd = {n: _mean([v["labels"][n]["assd_mm"] for v in per_volume]) for n in names}
+    return {"num_volumes": len(per_volume), "mean_dice": _mean(list(dice.values())), "dice": dice,
+            "assd_mm": assd, "volumes": per_volume}
+
+  @staticmethod
+  def format_report(report: dict) -> str:
+    lines = [f"held-out: {report['num_volumes']} volumes; mean Dice over {len(report['dice'])} structures "
+             f"{_fmt(report['mean_dice'])}", f"{'structure':26s} {'Dice':>6s} {'ASSD mm':>8s}"]
+    for name, d in report["dice"].items():
+      lines.append(f"{name:26s} {_fmt(d):>6s} {_fmt(report['assd_mm'][name]):>8s}")
+    return "\n".join(lines)
+
+  @staticmethod
+  def headline(report: dict) -> dict:
+    return {"mean_dice": report["mean_dice"]}
+
+
+class _ListSource:
+  def __init__(self, items):
+    if not items:
+      raise ValueError("the data set is empty")
+    self._items = items
+
+  def __len__(self):
+    return len(self._items)
+
+  def __getitem__(self, i):
+    return self._items[i]
+
+
+def _mean(values):
+  vals = [v for v in values if v is not None and np.isfinite(v)]
+  return float(np.mean(vals)) if vals else None
+
+
+def _fmt(v):
+  return "n/a" if v is None else f"{v:.3f}"
