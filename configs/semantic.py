@@ -42,8 +42,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.phantom = mri_phantoms.default_mri_phantom_config()
   c.data.preprocess = ml_collections.ConfigDict(dict(
       axcodes=spatial.PIR, spacing=spatial.REFERENCE_SPACING, image_order=3,
-      max_intensity=spatial.SPINEPS_MAX_INTENSITY, max_voxels=spatial.DEFAULT_MAX_VOXELS,
-      max_locations_per_class=10000))
+      max_intensity=spatial.SPINEPS_MAX_INTENSITY, max_voxels=spatial.DEFAULT_MAX_VOXELS))
   c.data.patch = patches.default_patch_config()
   c.data.patch.patch_size = (64, 128, 32)
   c.data.num_workers = 0             # grain worker processes for patch sampling

@@ -38,8 +38,12 @@ class Volume:
 
 
 def prepare_scan(image, affine, prep_cfg, *, semantic=None, instance=None, name="scan",
-                 locations_seed: int | None = 0) -> Volume:
-  """Reorient, resample and normalise a scan (and its masks) as the model expects."""
+                 max_locations_per_class: int = 0, seed: int = 0) -> Volume:
+  """Reorient, resample and normalise a scan (and its masks) as the model expects.
+
+  With `max_locations_per_class`, also samples voxel positions of each class (for foreground
+  oversampling of training patches).
+  """
   target = tuple(prep_cfg.spacing)
   x, space = spatial.to_model_space(image, affine, axcodes=tuple(prep_cfg.axcodes), spacing=target,
                                     order=prep_cfg.image_order, max_voxels=prep_cfg.max_voxels, name=name)
@@ -48,8 +52,8 @@ def prepare_scan(image, affine, prep_cfg, *, semantic=None, instance=None, name=
   if semantic is not None:
     seg = spatial.apply_model_space(semantic, space, is_mask=True)
     labels = spine_labels.ids_to_indices(seg, name=name)
-    if locations_seed is not None:
-      locations = patches.class_locations(labels, prep_cfg.max_locations_per_class, locations_seed)
+    if max_locations_per_class:
+      locations = patches.class_locations(labels, max_locations_per_class, seed)
   if instance is not None:
     inst = spatial.apply_model_space(instance, space, is_mask=True)
   return Volume(name, x, labels, np.asarray(space.model_spacing, np.float32), space, inst, locations)
@@ -59,7 +63,7 @@ def _phantom_volume(args) -> Volume:
   cfg, split, index = args
   v = mri_phantoms.make_volume(cfg.phantom, split, index)
   return prepare_scan(v["image"], v["affine"], cfg.preprocess, semantic=v["semantic"], instance=v["instance"],
-                      name=f"phantom_{split}_{index:04d}", locations_seed=index)
+                      name=f"phantom_{split}_{index:04d}", max_locations_per_class=cfg.patch.max_per_class, seed=index)
 
 
 def _scan_volume(args) -> Volume:
@@ -72,7 +76,7 @@ def _scan_volume(args) -> Volume:
     instance, inst_affine, _ = nifti.load_mask(record.instance)
     nifti.check_same_grid(record.image, affine, image.shape, record.instance, inst_affine, instance.shape)
   return prepare_scan(image, affine, cfg.preprocess, semantic=semantic, instance=instance,
-                      name=str(record.image), locations_seed=index)
+                      name=str(record.image), max_locations_per_class=cfg.patch.max_per_class, seed=index)
 
 
 def load_split(data_cfg, split: str, num_workers: int = 2) -> list[Volume]:

@@ -105,7 +105,7 @@ def default_mri_phantom_config() -> ml_collections.ConfigDict:
   cfg.cervical_lordosis_deg = (20.0, 40.0)
   cfg.thoracic_kyphosis_deg = (20.0, 50.0)
   cfg.lumbar_lordosis_deg = (40.0, 60.0)
-  cfg.sacral_kyphosis_deg = (40.0, 70.0)
+  cfg.sacral_kyphosis_deg = (25.0, 50.0)
   cfg.tilt_deg = 10.0  # the field's spine leans up to this much (patient positioning)
   cfg.lateral_shift_mm = 4.0  # midline off the field's centre along R
   cfg.scoliosis_mm = 3.0  # amplitude of a gentle lateral wave of the spine
@@ -254,7 +254,8 @@ def _curvature(pieces: list[_Piece], s: np.ndarray, angles_deg: dict) -> np.ndar
   s_end = by_name['S5'].s + by_name['S5'].dims['height'] / 2
   k = np.full(s.shape, np.deg2rad(angles_deg['cervical']) / (s_ct - s_c2))
   k[s >= s_ct] = -np.deg2rad(angles_deg['thoracic']) / (s_tl - s_ct)
-  k[s >= s_tl] = np.deg2rad(angles_deg['lumbar']) / (s_sac - s_tl)
+  lumbar = (s >= s_tl) & (s < s_sac)  # most of the lordosis is at L4-S1: weight rising 0.4 -> 1.6
+  k[lumbar] = np.deg2rad(angles_deg['lumbar']) / (s_sac - s_tl) * (0.4 + 1.2 * (s[lumbar] - s_tl) / (s_sac - s_tl))
   k[s >= s_sac] = -np.deg2rad(angles_deg['sacral']) / (s_end - s_sac)
   k[s >= s_end] = 0.0
   return k
@@ -277,8 +278,10 @@ def _field_window(rng, pieces, cfg) -> tuple[float, float, list[int]]:
   """Arc-length window (top, bottom) of the field and the indices of its complete vertebrae."""
   column = [k for k, p in enumerate(pieces) if p.kind != 'sacral' or p.name == 'S1'][1:]  # C2 .. S1
   names = [pieces[k].name for k in column]
-  top = str(rng.choice(list(cfg.top_level_choices)))
-  first = names.index(levels_lib.normalise_level(top))
+  top = levels_lib.normalise_level(str(rng.choice(list(cfg.top_level_choices))))
+  if top not in names:
+    raise ValueError(f'top level {top} is not drawn in this spine; choose from C2 .. S1 (T13 and L6 are rare)')
+  first = names.index(top)
   n = int(rng.integers(cfg.num_vertebrae_range[0], cfg.num_vertebrae_range[1] + 1))
   full = column[first:first + max(n, 1)]
   a, b = pieces[full[0]], pieces[full[-1]]
@@ -297,12 +300,15 @@ def _field_window(rng, pieces, cfg) -> tuple[float, float, list[int]]:
 
 
 def _curve(rng, pieces, cfg, window) -> _Curve:
-  """Integrate the curvature; the mean tangent over the window leans by a random tilt."""
+  """Integrate the curvature; the mean tangent over the window's mobile spine (above S1) leans by a random tilt."""
   s = np.arange(pieces[0].s - 80.0, pieces[-1].s + 120.0, _STEP_MM)
   angles = dict(cervical=rng.uniform(*cfg.cervical_lordosis_deg), thoracic=rng.uniform(*cfg.thoracic_kyphosis_deg),
                 lumbar=rng.uniform(*cfg.lumbar_lordosis_deg), sacral=rng.uniform(*cfg.sacral_kyphosis_deg))
   phi = np.cumsum(_curvature(pieces, s, angles)) * _STEP_MM
-  inside = (s >= window[0]) & (s <= window[1])
+  s1 = next(p for p in pieces if p.name == 'S1')
+  inside = (s >= window[0]) & (s <= min(window[1], s1.s - s1.dims['height'] / 2))
+  if not inside.any():  # a field of the sacrum alone
+    inside = (s >= window[0]) & (s <= window[1])
   phi += np.deg2rad(rng.uniform(-1, 1) * cfg.tilt_deg) - phi[inside].mean()
   p = np.cumsum(np.sin(phi)) * _STEP_MM
   i = np.cumsum(np.cos(phi)) * _STEP_MM
@@ -434,7 +440,8 @@ def _posterior_parts(d: dict) -> list[_Part]:
   sl, sa = d['spinous_length'], np.deg2rad(d['spinous_angle'])
   s0 = np.array((0.0, -cd / 2 - 0.5 * lam - vc, lam_c - 0.2 * lam))
   s1 = s0 + (0.0, -sl * np.cos(sa), -sl * np.sin(sa))
-  parts.append(_capsule_part(SPINOUS, s0, s1, 2.5 if d['region'] == 'cervical' else 3.0, 0.22 * h))
+  tall = {'cervical': 0.25, 'thoracic': 0.25, 'lumbar': 0.32}.get(d['region'], 0.3) * h
+  parts.append(_capsule_part(SPINOUS, s0, s1, 2.5 if d['region'] == 'cervical' else 3.0, tall))
   # Transverse (costal) processes: lateral from the pedicle, forward in the neck, backward in the thorax.
   tl, ta = d['transverse_length'], np.deg2rad(d['transverse_angle'])
   t_vv = 0.25 * cd if d['region'] == 'cervical' else -0.15 * cd
@@ -537,8 +544,7 @@ def _paint_body(field: _Field, piece: _Piece, tis: _Tissue, marrow: float, rng) 
   sem[inside] = BODY
   inst[inside] = ident
   value = np.where(sec > -np.float32(d['cortex']), np.float32(tis.cortex), np.float32(marrow))
-  value = _body_marks(rng, d, u, v, w, value, tis)
-  sig[inside] = value[inside] if value.shape == inside.shape else np.broadcast_to(value, inside.shape)[inside]
+  sig[inside] = _body_marks(rng, d, u, v, w, value, tis)[inside]
   sem[plate] = ENDPLATE
   inst[plate] = ENDPLATE_OFFSET + ident
   sig[plate] = np.float32(tis.cortex)
@@ -589,11 +595,12 @@ def _paint_disc(field: _Field, upper: _Piece, lower: _Piece, tis: _Tissue, rng) 
     return
   # Nucleus: a bright core fading into the dark annulus toward the rim and the endplates.
   rho = np.sqrt(np.square(um / half_w) + np.square((vm + np.float32(0.1) * half_d) / half_d))
-  core = rng.uniform(0.55, 0.7)
-  radial = np.clip((1.0 - rho) / np.float32(1.0 - core), 0.0, 1.0)
+  rim = np.float32(rng.uniform(0.2, 0.3))  # the annulus: the outer fifth to third of the radius
+  radial = np.clip((1.0 - rho) / rim, 0.0, 1.0)
   frac = below_upper / np.maximum(below_upper + above_lower, np.float32(1e-3))
-  vertical = np.clip(np.minimum(frac, 1.0 - frac) / np.float32(0.15), 0.0, 1.0)
-  degeneration = rng.uniform(0.0, 0.5) if rng.random() < 0.2 else 0.0
+  vertical = np.clip(np.minimum(frac, 1.0 - frac) / np.float32(0.12), 0.0, 1.0)
+  odds = {'cervical': 0.15, 'thoracic': 0.1}.get(du['region'], 0.25)  # lower lumbar discs wear most
+  degeneration = rng.uniform(0.1, 0.4) if rng.random() < odds else 0.0
   nucleus = tis.nucleus * (1.0 - degeneration)
   value = np.float32(tis.annulus) + np.float32(nucleus - tis.annulus) * radial * vertical
   if rng.random() < 0.4:  # intranuclear cleft: a dark horizontal line in adult discs
@@ -735,8 +742,10 @@ def _skin_line(rng, rows: _Rows) -> tuple[np.ndarray, np.ndarray]:
   v = rows.values
   tip = v['canal_depth'] / 2 + v['lamina'] + v['spinous_length'] * np.cos(np.deg2rad(v['spinous_angle']))
   cover = v['cover'] * (1.0 + 0.3 * _smooth_1d(rng, rows.s, 400.0))
-  fat = rng.uniform(5.0, 25.0) * (1.0 + 0.3 * _smooth_1d(rng, rows.s, 300.0))
-  return tip + cover + fat, fat
+  fat = rng.uniform(4.0, 20.0) * (1.0 + 0.3 * _smooth_1d(rng, rows.s, 300.0))
+  step = max(float(np.median(np.abs(np.diff(rows.s)))) if rows.s.size > 1 else 1.0, 1e-3)
+  skin = ndimage.gaussian_filter1d(tip + cover + fat, 25.0 / step, mode='nearest')  # the back is smooth
+  return skin, fat
 
 
 def _paint_soft_tissue(field: _Field, rows: _Rows, tis: _Tissue, skin, fat, anterior, rng) -> None:
@@ -754,27 +763,29 @@ def _paint_soft_tissue(field: _Field, rows: _Rows, tis: _Tissue, skin, fat, ante
   field.signal[...] = sheet[:, :, None]
 
 
-def _tube(field: _Field, rows: _Rows, d_mm, u_mm, radius, rows_mask):
-  """Boolean mask of a round tube parallel to the canal at posterior offset d_mm, lateral offset u_mm."""
+def _tube(field: _Field, rows: _Rows, d_mm, u_mm, radius, s_range):
+  """Boolean mask of a round tube parallel to the canal (posterior offset d_mm, lateral u_mm), tapering at its ends."""
+  ends = np.minimum(rows.s - s_range[0], s_range[1] - rows.s)
+  r = (radius * np.sqrt(np.clip(ends / 25.0, 0.0, 1.0))).astype(np.float32)
   d = (field.axes[0][:, None] - rows.p[None, :].astype(np.float32)) * rows.cos[None, :].astype(np.float32)
   u = field.axes[2][None, :] - rows.r[:, None].astype(np.float32)
   dist = np.square(d - np.float32(d_mm))[:, :, None] + np.square(u - np.float32(u_mm))[None, :, :]
-  return (dist <= np.float32(radius) ** 2) & rows_mask[None, :, None]
+  return dist <= np.square(r)[None, :, None]
 
 
 def _paint_vessels(field: _Field, rows: _Rows, pieces, tis: _Tissue, anterior, rng) -> None:
   """Flow voids in front of the spine: the airway in the neck, the aorta from T4 to L4 (left of the midline)."""
   s_of = {p.name: p.s for p in pieces}
-  neck = (rows.s > s_of['C2']) & (rows.s < s_of['C7'])
-  if neck.any():
+  neck = (s_of['C2'], s_of['T3'])
+  if np.any((rows.s > neck[0]) & (rows.s < neck[1])):
     gap, radius = rng.uniform(12.0, 20.0), rng.uniform(6.0, 9.0)
-    d = -np.mean(anterior[neck]) - gap - radius
+    d = -np.mean(anterior) - gap - radius
     field.signal[_tube(field, rows, d, rng.uniform(-2, 2), radius, neck)] = np.float32(tis.air)
-  body = (rows.s > s_of['T4']) & (rows.s < s_of['L4'])
-  if body.any():
+  trunk = (s_of['T3'], s_of['L4'])
+  if np.any((rows.s > trunk[0]) & (rows.s < trunk[1])):
     radius = rng.uniform(9.0, 12.0)
-    d = -np.mean(anterior[body]) - 2.0 - radius
-    field.signal[_tube(field, rows, d, -rng.uniform(5.0, 15.0), radius, body)] = np.float32(tis.vessel)
+    d = -np.mean(anterior) - 2.0 - radius
+    field.signal[_tube(field, rows, d, -rng.uniform(5.0, 15.0), radius, trunk)] = np.float32(tis.vessel)
 
 
 def _paint_canal(field: _Field, rows: _Rows, pieces, tis: _Tissue, rng) -> dict:
@@ -801,11 +812,10 @@ def _paint_canal(field: _Field, rows: _Rows, pieces, tis: _Tissue, rng) -> dict:
   d3, u3 = d[:, :, None], u[None, :, :]
   canal = _ellipse(u3, d3, (cw / 2).astype(np.float32)[None, :, None], (cd / 2).astype(np.float32)[None, :, None]) <= 0
   open_rows = (rows.s <= s_end)[None, :, None]
-  sem, inst, sig = field.sem[band], field.inst[band], field.signal[band]
+  sem, sig = field.sem[band], field.signal[band]
   sig[canal & ~open_rows] = np.float32(tis.fat)  # the sacral canal below the dural sac: epidural fat
   canal &= open_rows
   sem[canal] = CANAL
-  inst[canal] = 0
   sig[canal] = np.float32(tis.csf)
   # Cord: tapering into the conus over its last 12 mm; slightly off-centre in the canal.
   taper = np.sqrt(np.clip((s_conus - rows.s) / 12.0, 0.0, 1.0)).astype(np.float32)
@@ -905,12 +915,11 @@ def make_spine(rng: np.random.Generator, cfg=None) -> dict:
   pieces = _pieces(rng, cfg)
   s_top, s_bottom, full = _field_window(rng, pieces, cfg)
   curve = _curve(rng, pieces, cfg, (s_top, s_bottom))
-  volume_rng = np.random.default_rng(rng.integers(0, 2**63))
   for p in pieces:
     p.frame = _Frame((curve.at(curve.p, p.s), curve.at(curve.i, p.s), curve.at(curve.r, p.s)),
                      curve.at(curve.phi, p.s))
-    p.dims.update(endplate=float(volume_rng.uniform(0.9, 1.3)), cortex=float(volume_rng.uniform(0.8, 1.4)),
-                  concavity=float(volume_rng.uniform(0.3, 1.0)), waist=float(volume_rng.uniform(0.02, 0.06)))
+    p.dims.update(endplate=float(rng.uniform(0.9, 1.3)), cortex=float(rng.uniform(0.8, 1.4)),
+                  concavity=float(rng.uniform(0.3, 1.0)), waist=float(rng.uniform(0.02, 0.06)))
 
   # Field: rows from the window; P from the front of the bodies to the skin; R around the midline.
   i_lo, i_hi = curve.at(curve.i, s_top), curve.at(curve.i, s_bottom)
@@ -921,8 +930,8 @@ def make_spine(rng: np.random.Generator, cfg=None) -> dict:
   rows = _rows(curve, pieces, i_axis, keys)
   skin, fat = _skin_line(rng, rows)
   anterior = rows.values['vc'] + rows.values['depth'] / 2
-  p_lo = np.min(rows.p - (anterior + rng.uniform(10.0, 40.0)) / rows.cos)
-  p_hi = np.max(rows.p + (skin + rng.uniform(0.0, 10.0)) / rows.cos)
+  p_lo = np.min(rows.p - (anterior + rng.uniform(8.0, 30.0)) / rows.cos)
+  p_hi = np.max(rows.p + (skin + rng.uniform(0.0, 6.0)) / rows.cos)
   p0, n_p = _fit_axis(p_lo, p_hi, spacing[0], cfg.shape[0], cfg.shape_multiple, rng)
   n_r = int(cfg.shape[2]) if cfg.shape[2] else int(np.ceil(rng.uniform(50.0, 70.0) / spacing[2]))
   r0 = -spacing[2] * (n_r - 1) / 2
@@ -948,19 +957,28 @@ def make_spine(rng: np.random.Generator, cfg=None) -> dict:
       _paint_sacral(field, piece, tis, sacral_marrow)
 
   image = _form_image(rng, field, cfg)
-  return _summary(field, image, pieces, full, curve, ends)
+  return _summary(field, image, pieces, full, ends)
 
 
-def _summary(field: _Field, image, pieces, full, curve: _Curve, ends: dict) -> dict:
+def _centroids(labels: np.ndarray) -> dict[int, tuple]:
+  """{label: mean voxel index (axis 0, 1, 2)} of every non-zero label (bincount over the labelled voxels only)."""
+  flat = np.flatnonzero(labels)
+  values = labels.ravel()[flat].astype(np.int64)
+  counts = np.bincount(values)
+  coords = np.unravel_index(flat, labels.shape)
+  sums = [np.bincount(values, weights=c, minlength=counts.size) for c in coords]
+  return {int(k): tuple(float(s[k] / counts[k]) for s in sums) for k in np.flatnonzero(counts)}
+
+
+def _summary(field: _Field, image, pieces, full, ends: dict) -> dict:
   """The volume's dict: arrays, geometry and per-level facts."""
   inst, sem = field.inst, field.sem
-  ids = [int(k) for k in np.unique(inst) if k]
-  centroids = dict(zip(ids, (tuple(map(float, c)) for c in ndimage.center_of_mass(inst > 0, inst, ids))))
+  centroids = _centroids(inst)
   body = np.where(sem == ENDPLATE, inst - ENDPLATE_OFFSET, 0).astype(np.int16)
-  body[(sem == BODY) | (sem == SACRUM)] = inst[(sem == BODY) | (sem == SACRUM)]
-  body_ids = [int(k) for k in np.unique(body) if k]
-  body_centroids = dict(zip(body_ids, (tuple(map(float, c)) for c in ndimage.center_of_mass(body > 0, body, body_ids))))
-  present = set(k for k in ids if k < DISC_OFFSET)
+  bone = (sem == BODY) | (sem == SACRUM)
+  body[bone] = inst[bone]
+  body_centroids = _centroids(body)
+  present = set(k for k in centroids if k < DISC_OFFSET)
   levels, vertebrae = [], []
   for p in pieces:
     if p.kind == 'sacral' and p.name != 'S1':
