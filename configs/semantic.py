@@ -67,14 +67,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.batch_size = 2
     c.num_train_steps = 250_000
     c.optimizer.update(name="sgd", learning_rate=1e-2, weight_decay=3e-5, warmup_steps=0, schedule="poly")
-    c.inference.mirror_axes = (0, 1, 2)
+    c.inference.mirror_axes = (0, 1)  # not R: a flip there would swap left and right labels
     c.log_every = 250
     c.checkpoint_every = 5000
   if "bf16" in variants:
     c.model.dtype = "bfloat16"
   if "smoke" in variants:
     c.model = unet.tiny_unet_config()
-    c.data.patch.patch_size = (32, 32, 16)
+    c.data.patch.patch_size = (32, 64, 32)
     c.data.phantom.num_train_volumes = 2
     c.data.phantom.num_test_volumes = 1
     c.data.prep_workers = 1

@@ -4,9 +4,15 @@
       --scheme=totalsegmentator --output=OUT_DIR
   python -m spine_jax.predict ct --checkpoint=RUN_DIR --pairs=scans.csv --scheme=spineps --output=OUT_DIR
 
+  python -m spine_jax.predict semantic --checkpoint=RUN_DIR --input=scan.nii.gz|FOLDER --output=OUT_DIR
+
 `ct` classifies every labelled vertebra of a CT (bone quality, posterolateral involvement, partial
 SINS) and writes <name>_vertebrae.json and .csv. With --pairs (a CSV with columns image,mask), each
 scan is done in turn; a failing scan is reported and the others go on.
+
+`semantic` segments sagittal T2w MRI (SPINEPS phase 1) into <name>_seg-spine_msk.nii.gz on the input's
+exact grid, plus a quick-look <name>_seg-spine_snp.png. A folder is searched recursively; scans whose
+mask already exists are skipped (--overwrite redoes them); each failure is reported at the end.
 """
 from __future__ import annotations
 
@@ -26,8 +32,10 @@ _SCHEME = flags.DEFINE_enum("scheme", "spineps", ["spineps", "totalsegmentator"]
 _LABELS = flags.DEFINE_list("labels", None, "Only these mask labels (default: every vertebra label).")
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder.")
 _NAME = flags.DEFINE_string("name", None, "Output name stem (default: the image file's name).")
+_INPUT = flags.DEFINE_string("input", None, "semantic: a NIfTI file or a folder of them.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "semantic: redo scans whose outputs exist.")
 
-COMMANDS = ("ct",)
+COMMANDS = ("ct", "semantic")
 
 
 def _stem(path: pathlib.Path) -> str:
@@ -91,11 +99,67 @@ def run_ct() -> int:
   return 0
 
 
+class _Progress:
+  """One updating line: which file, and how many sliding windows of it are done."""
+
+  def __init__(self, total_files: int):
+    self.total = total_files
+    self.index = 0
+    self.name = ""
+
+  def file(self, index: int, name: str):
+    self.index, self.name = index, name
+    self.windows(0, 1)
+
+  def windows(self, done: int, total: int):
+    width = 24
+    filled = int(width * done / max(total, 1))
+    print(f"\r[{self.index}/{self.total}] {self.name[-50:]:50s} [{'#' * filled}{'.' * (width - filled)}] "
+          f"{done}/{total} windows", end="", flush=True)
+
+
+def run_semantic() -> int:
+  from spine_jax.data import nifti
+  from spine_jax.inference import restore
+  from spine_jax.inference import semantic
+  from spine_jax.reports import pictures
+
+  if not (_CHECKPOINT.value and _INPUT.value and _OUTPUT.value):
+    raise app.UsageError("semantic needs --checkpoint, --input and --output")
+  scans = semantic.find_scans(_INPUT.value)
+  out_dir = pathlib.Path(_OUTPUT.value)
+  state, config, mesh = restore.load_for_inference(_CHECKPOINT.value, "semantic")
+  logits_fn = semantic.make_logits_fn(state, mesh)
+  progress = _Progress(len(scans))
+  failures, skipped = [], 0
+  for i, scan in enumerate(scans, 1):
+    stem = semantic.output_stem(scan)
+    mask_path = out_dir / f"{stem}_seg-spine_msk.nii.gz"
+    if mask_path.exists() and not _OVERWRITE.value:
+      skipped += 1
+      continue
+    progress.file(i, scan.name)
+    try:
+      result = semantic.segment_file(state, config, mesh, scan, logits_fn=logits_fn, progress=progress.windows)
+      nifti.atomic_save_nifti(result.mask, result.affine, mask_path, header=result.header, dtype="uint8")
+      pictures.sagittal_snapshot_png(result.model_image, [result.model_mask], ["T2w", "semantic"],
+                                     out_dir / f"{stem}_seg-spine_snp.png")
+      print(f"  -> {mask_path}", flush=True)
+    except (ValueError, OSError) as e:  # NiftiError, VolumeError, LabelError are ValueErrors
+      failures.append((scan, e))
+      print(f"\n[{i}/{len(scans)}] FAILED {scan}: {e}", file=sys.stderr, flush=True)
+  done = len(scans) - len(failures) - skipped
+  print(f"{done} segmented, {skipped} already done, {len(failures)} failed", flush=True)
+  for scan, e in failures:
+    print(f"  {scan}: {e}", file=sys.stderr)
+  return 1 if failures else 0
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m spine_jax.predict {{{'|'.join(COMMANDS)}}} --flags (got {argv[1:]})")
   logging.set_verbosity(logging.WARNING)
-  return {"ct": run_ct}[argv[1]]()
+  return {"ct": run_ct, "semantic": run_semantic}[argv[1]]()
 
 
 if __name__ == "__main__":

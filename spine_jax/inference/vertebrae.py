@@ -56,25 +56,9 @@ def vertebra_decisions(probs: dict[str, np.ndarray], vertebra_ids: np.ndarray, e
 
 
 def load_classifier(checkpoint, mesh=None):
-  """(state, config, mesh) from a training work directory or checkpoint folder.
-
-  The model is rebuilt from the config stored with the checkpoint, so inference always uses the
-  architecture and slice geometry the weights were trained with.
-  """
-  from spine_jax.models import multitask
-  from spine_jax.training import checkpoints
-  from spine_jax.training import state as state_lib
-
-  config, root, step = checkpoints.load_config(checkpoint)
-  if config.get("task") != "mtl":
-    raise ValueError(f"checkpoint {root / str(step)} is a {config.get('task')!r} model, not the CT classifier (mtl)")
-  mesh = mesh or mesh_lib.make_mesh()
-  model = multitask.build_model(config.model)
-  tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
-  size = config.data.slices.image_size
-  abstract = state_lib.abstract_train_state(model, tx, (1, size, size, config.data.in_channels), mesh)
-  state = checkpoints.restore_state_for_inference(root, step, abstract)
-  return state, config, mesh
+  """(state, config, mesh) of a CT classifier from a training work directory or checkpoint folder."""
+  from spine_jax.inference import restore
+  return restore.load_for_inference(checkpoint, "mtl", mesh)
 
 
 def classify_ct(state, config, mesh, image_path, mask_path, *, scheme: str, labels=None) -> list[dict]:

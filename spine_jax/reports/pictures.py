@@ -140,3 +140,36 @@ def training_curves_png(jsonl_path, path, keys=None, title=None):
   if not curves:
     raise ValueError(f'no numeric series to plot in {jsonl_path}')
   atomic_write_bytes(path, figure_png_bytes(training_curves_figure(curves, title)))
+
+
+def _label_colours(mask: np.ndarray) -> np.ndarray:
+  """RGBA per voxel: a fixed colour per label id (tab20, cycled), transparent background."""
+  from matplotlib import colormaps
+  table = colormaps['tab20'](np.arange(20))
+  rgba = table[np.asarray(mask, np.int64) % 20].copy()
+  rgba[..., 3] = np.where(mask > 0, 0.45, 0.0)
+  return rgba
+
+
+def sagittal_snapshot_figure(image, masks, titles):
+  """Mid-sagittal slice of a PIR volume (axis 2 = R): the image alone, then overlaid with each mask."""
+  mid = image.shape[2] // 2
+  panels = 1 + len(masks)
+  height = 5.0
+  aspect = image.shape[1] / max(image.shape[0], 1)
+  fig = _new_figure(height * panels / max(aspect, 0.3), height)
+  grey = image[:, :, mid].T  # rows: inferior axis (top = head), columns: posterior axis
+  lo, hi = np.percentile(grey, [1, 99])
+  for i in range(panels):
+    ax = fig.add_subplot(1, panels, i + 1)
+    ax.imshow(grey, cmap='gray', vmin=lo, vmax=hi, aspect='auto', interpolation='nearest')
+    if i:
+      ax.imshow(_label_colours(masks[i - 1][:, :, mid].T), aspect='auto', interpolation='nearest')
+    ax.set_title(titles[i], fontsize=9)
+    ax.axis('off')
+  return fig
+
+
+def sagittal_snapshot_png(image, masks, titles, path):
+  """A quick-look PNG of a PIR image and its masks, written atomically."""
+  atomic_write_bytes(path, figure_png_bytes(sagittal_snapshot_figure(image, masks, titles)))

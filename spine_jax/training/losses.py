@@ -98,21 +98,31 @@ def soft_dice_loss(logits, labels, *, batch_dice=True, include_background=False,
       from one patch does not get a Dice of 0 for that patch.
   """
   logits = jnp.asarray(logits, jnp.float32)
-  k = logits.shape[-1]
-  probs = jax.nn.softmax(logits, axis=-1)
-  onehot = jax.nn.one_hot(labels, k, dtype=jnp.float32)
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+  return _soft_dice(jax.nn.softmax(logits, axis=-1), onehot, batch_dice, include_background, smooth)
+
+
+def _soft_dice(probs, onehot, batch_dice, include_background, smooth):
   if not include_background:
     probs, onehot = probs[..., 1:], onehot[..., 1:]
-  axes = tuple(range(logits.ndim - 1)) if batch_dice else tuple(range(1, logits.ndim - 1))
+  axes = tuple(range(probs.ndim - 1)) if batch_dice else tuple(range(1, probs.ndim - 1))
   intersect = jnp.sum(probs * onehot, axis=axes)
   denom = jnp.sum(probs, axis=axes) + jnp.sum(onehot, axis=axes)
   return -jnp.mean((2.0 * intersect + smooth) / jnp.maximum(denom + smooth, 1e-8))
 
 
-def dice_ce_loss(logits, labels, *, dice_weight=1.0, ce_weight=1.0, batch_dice=True):
-  """nnU-Net's DC_and_CE_loss: voxel-mean cross-entropy plus soft Dice (background excluded)."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits, jnp.float32), labels).mean()
-  return ce_weight * ce + dice_weight * soft_dice_loss(logits, labels, batch_dice=batch_dice)
+def dice_ce_loss(logits, labels, *, dice_weight=1.0, ce_weight=1.0, batch_dice=True, smooth=1e-5):
+  """nnU-Net's DC_and_CE_loss: voxel-mean cross-entropy plus soft Dice (background excluded).
+
+  Cross-entropy is taken against the one-hot targets the Dice needs anyway, which avoids the
+  gather (and its scatter-add gradient) of integer-label cross-entropy.
+  """
+  logits = jnp.asarray(logits, jnp.float32)
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  ce = -jnp.mean(jnp.sum(onehot * log_probs, axis=-1))
+  dice = _soft_dice(jnp.exp(log_probs), onehot, batch_dice, False, smooth)
+  return ce_weight * ce + dice_weight * dice
 
 
 def deep_supervision_weights(n: int) -> np.ndarray:

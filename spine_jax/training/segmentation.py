@@ -3,35 +3,18 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
 import numpy as np
 
 from spine_jax.data import patches
 from spine_jax.data import pipelines
 from spine_jax.data import spine_labels
 from spine_jax.data import volumes as volumes_lib
-from spine_jax.inference import sliding_window
+from spine_jax.inference import semantic as semantic_inference
 from spine_jax.metrics import segmentation as seg_metrics
 from spine_jax.models import unet
-from spine_jax.training import mesh as mesh_lib
 from spine_jax.training import steps
 
 STRUCTURES = tuple(i for i in spine_labels.SEMANTIC_IDS if i)
-
-
-def make_logits_fn(state, mesh):
-  """Patches (B, X, Y, Z, C) numpy -> full-resolution logits (numpy), the batch split over the mesh."""
-  fn = jax.jit(steps.segmentation_logits, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)))
-  return lambda x: np.asarray(jax.device_get(fn(state, mesh_lib.global_batch(x, mesh))))
-
-
-def predict_volume(logits_fn, image: np.ndarray, cfg) -> np.ndarray:
-  """Class-index map (X, Y, Z) of one model-space volume by Gaussian-weighted sliding window."""
-  probs = sliding_window.sliding_window_predict(
-      logits_fn, image[..., None], tuple(cfg.data.patch.patch_size), spine_labels.NUM_CLASSES,
-      step_size=cfg.inference.step_size, batch_size=cfg.inference.batch_size,
-      use_gaussian=True, mirror_axes=tuple(cfg.inference.mirror_axes))
-  return probs.argmax(-1).astype(np.uint8)
 
 
 class SemanticTask:
@@ -58,10 +41,10 @@ class SemanticTask:
     cfg = self.config
     if self._test is None:
       self._test = volumes_lib.load_split(cfg.data, "test", cfg.data.prep_workers)
-    logits_fn = make_logits_fn(state, mesh)
+    logits_fn = semantic_inference.make_logits_fn(state, mesh)
     per_volume = []
     for vol in self._test:
-      pred = spine_labels.indices_to_ids(predict_volume(logits_fn, vol.image, cfg))
+      pred = spine_labels.indices_to_ids(semantic_inference.predict_volume(logits_fn, vol.image, cfg))
       ref = spine_labels.indices_to_ids(vol.labels)
       report = seg_metrics.segmentation_report(pred, ref, vol.spacing, dict(spine_labels.STRUCTURE_NAMES))
       per_volume.append({"name": vol.name, **report})

@@ -1,0 +1,20 @@
+"""A trained (or converted) checkpoint back as a train state, with the config it was trained with."""
+from __future__ import annotations
+
+from spine_jax.training import checkpoints
+from spine_jax.training import mesh as mesh_lib
+from spine_jax.training import state as state_lib
+from spine_jax.training import tasks
+
+
+def load_for_inference(checkpoint, task_name: str, mesh=None):
+  """(state, config, mesh): the model is rebuilt from the stored config, so architecture and
+  preprocessing always match the weights."""
+  config, root, step = checkpoints.load_config(checkpoint)
+  if config.get("task") != task_name:
+    raise ValueError(f"checkpoint {root / str(step)} holds a {config.get('task')!r} model, not {task_name!r}")
+  mesh = mesh or mesh_lib.make_mesh()
+  task = tasks.get_task(config)
+  tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
+  abstract = state_lib.abstract_train_state(task.model, tx, task.init_shape, mesh)
+  return checkpoints.restore_state_for_inference(root, step, abstract), config, mesh

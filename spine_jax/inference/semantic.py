@@ -1,0 +1,86 @@
+"""SPINEPS phase 1 on NIfTI scans: preprocessing, sliding window, post-processing, back to the input grid."""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import numpy as np
+
+from spine_jax.data import nifti
+from spine_jax.data import spatial
+from spine_jax.data import spine_labels
+from spine_jax.data import volumes
+from spine_jax.inference import semantic_postprocess
+from spine_jax.inference import sliding_window
+from spine_jax.training import mesh as mesh_lib
+from spine_jax.training import steps
+
+
+def make_logits_fn(state, mesh):
+  """Patches (B, X, Y, Z, C) numpy -> full-resolution logits (numpy), the batch split over the mesh."""
+  fn = jax.jit(steps.segmentation_logits, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)))
+  return lambda x: np.asarray(jax.device_get(fn(state, mesh_lib.global_batch(x, mesh))))
+
+
+def predict_volume(logits_fn, image: np.ndarray, cfg, progress=None) -> np.ndarray:
+  """Class-index map (X, Y, Z) of one model-space volume by Gaussian-weighted sliding window."""
+  probs = sliding_window.sliding_window_predict(
+      logits_fn, image[..., None], tuple(cfg.data.patch.patch_size), spine_labels.NUM_CLASSES,
+      step_size=cfg.inference.step_size, batch_size=cfg.inference.batch_size,
+      use_gaussian=True, mirror_axes=tuple(cfg.inference.mirror_axes), progress=progress)
+  return probs.argmax(-1).astype(np.uint8)
+
+
+@dataclasses.dataclass
+class SemanticResult:
+  mask: np.ndarray  # (input grid) uint8 SPINEPS ids
+  affine: np.ndarray  # the input's affine
+  header: object
+  model_image: np.ndarray  # PIR model-space image (normalised), for pictures and phase 2
+  model_mask: np.ndarray  # PIR model-space SPINEPS ids after post-processing
+  volume: volumes.Volume
+
+
+def segment_array(state, config, mesh, image: np.ndarray, affine: np.ndarray, *, name="scan",
+                  logits_fn=None, progress=None) -> SemanticResult:
+  """An image already in memory (with its affine) -> semantic mask on the same grid."""
+  vol = volumes.prepare_scan(image, affine, config.data.preprocess, name=name)
+  logits_fn = logits_fn or make_logits_fn(state, mesh)
+  indices = predict_volume(logits_fn, vol.image, config, progress=progress)
+  ids = spine_labels.indices_to_ids(indices)
+  post_cfg = config.get("postprocess") or semantic_postprocess.default_postprocess_config()
+  ids = semantic_postprocess.postprocess_semantic(ids, vol.spacing, post_cfg).astype(np.uint8)
+  mask = spatial.from_model_space(ids, vol.model_space, is_mask=True).astype(np.uint8)
+  return SemanticResult(mask, np.asarray(affine), None, vol.image, ids, vol)
+
+
+def segment_file(state, config, mesh, path, *, logits_fn=None, progress=None) -> SemanticResult:
+  image, affine, header = nifti.load_nifti(path)
+  result = segment_array(state, config, mesh, image, affine, name=str(path), logits_fn=logits_fn,
+                         progress=progress)
+  result.header = header
+  return result
+
+
+def output_stem(path: pathlib.Path) -> str:
+  """The input's name without .nii/.nii.gz; outputs append BIDS-derivative suffixes to it."""
+  name = pathlib.Path(path).name
+  for suffix in (".nii.gz", ".nii"):
+    if name.lower().endswith(suffix):
+      return name[: -len(suffix)]
+  return pathlib.Path(path).stem
+
+
+def find_scans(path) -> list[pathlib.Path]:
+  """A NIfTI file, or every NIfTI in a folder (recursively), skipping our own outputs."""
+  path = pathlib.Path(path)
+  if path.is_file():
+    return [path]
+  if not path.is_dir():
+    raise FileNotFoundError(f"{path}: no such file or folder")
+  scans = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz"))
+                 and "_seg-" not in p.name)
+  if not scans:
+    raise FileNotFoundError(f"{path}: no .nii or .nii.gz files")
+  return scans
