@@ -56,6 +56,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(batch_dice=True))
   c.inference = ml_collections.ConfigDict(dict(step_size=0.5, batch_size=2, mirror_axes=()))
   c.log_every = 50
+  c.eval_every = 500                 # held-out Dice per structure during training (0: only at the end)
   c.checkpoint_every = 250
   c.keep_checkpoints = 2
 
@@ -77,7 +78,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.patch.patch_size = (32, 64, 32)
     c.data.phantom.num_train_volumes = 2
     c.data.phantom.num_test_volumes = 1
+    c.data.phantom.num_vertebrae_range = (3, 4)
+    c.data.phantom.shape = (96, 160, 32)
     c.data.prep_workers = 1
+    c.batch_size = 4
     c.num_train_steps = 4
     c.log_every = 2
     c.checkpoint_every = 2

@@ -18,9 +18,20 @@ from spine_jax.training import steps
 
 
 def make_logits_fn(state, mesh):
-  """Patches (B, X, Y, Z, C) numpy -> full-resolution logits (numpy), the batch split over the mesh."""
+  """Patches (B, X, Y, Z, C) numpy -> full-resolution logits (numpy), the batch split over the mesh.
+
+  A batch that the devices cannot split evenly is padded (and the padding dropped), so the
+  sliding-window batch size need not be a multiple of the device count.
+  """
   fn = jax.jit(steps.segmentation_logits, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)))
-  return lambda x: np.asarray(jax.device_get(fn(state, mesh_lib.global_batch(x, mesh))))
+  n_dev = mesh.devices.size
+
+  def logits(x):
+    b = len(x)
+    if b % n_dev:
+      x = np.concatenate([x, np.zeros((n_dev - b % n_dev, *x.shape[1:]), x.dtype)])
+    return np.asarray(jax.device_get(fn(state, mesh_lib.global_batch(x, mesh))))[:b]
+  return logits
 
 
 def predict_volume(logits_fn, image: np.ndarray, cfg, progress=None) -> np.ndarray:

@@ -167,6 +167,10 @@ def train_and_evaluate(config, workdir) -> dict:
           t_log, step_log = now, step
         if config.checkpoint_every and step % config.checkpoint_every == 0:
           checkpoints.save(mngr, step, state, data_iter, config)
+        if config.get("eval_every") and step % config.eval_every == 0 and step < config.num_train_steps:
+          headline = task.headline(_nan_to_none(task.evaluate(state, mesh, None)))
+          writer.write(step, {k: v for k, v in headline.items() if v is not None}, prefix="eval")
+          _say(f"step {step} held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in headline.items() if v is not None))
         if sigterm.raised:
           checkpoints.save(mngr, step, state, data_iter, config)
           logging.warning("SIGTERM: checkpoint written at step %d, exiting with %d", step, PREEMPTED_EXIT_CODE)

@@ -64,7 +64,8 @@ class SemanticTask:
 
   @staticmethod
   def headline(report: dict) -> dict:
-    return {"mean_dice": report["mean_dice"]}
+    """Mean Dice and Dice per structure: what metrics.jsonl and TensorBoard track during training."""
+    return {"mean_dice": report["mean_dice"], **{f"dice_{k}": v for k, v in report["dice"].items()}}
 
 
 class _ListSource:
