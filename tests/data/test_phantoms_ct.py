@@ -171,3 +171,13 @@ def test_bad_arguments():
     _vertebra(0, 0, 0, 'X1')
   with pytest.raises(ValueError, match="unknown phantom split 'val'"):
     ct.build_phantom_slices(_small_cfg(), 'val')
+
+
+def test_held_out_split_can_have_its_own_class_frequencies():
+  cfg = ct.default_phantom_config()
+  cfg.quality_freqs = (0.64, 0.16, 0.03, 0.17)
+  cfg.test_quality_freqs = (0.25, 0.25, 0.25, 0.25)
+  q_test, _ = ct.vertebra_classes(cfg, 100, 1, cfg.test_quality_freqs)
+  q_train, _ = ct.vertebra_classes(cfg, 100, 0)
+  assert list(np.bincount(q_test, minlength=4)) == [25, 25, 25, 25]
+  assert list(np.bincount(q_train, minlength=4)) == [64, 16, 3, 17]

@@ -72,6 +72,7 @@ def default_phantom_config() -> ml_collections.ConfigDict:
   # are the authors' training-SLICE ratios after capping normals at 18,000: 18000:3078:3387:3565.
   # Abnormal vertebrae also have normal slices, so the slice-level normal share comes out higher.
   cfg.quality_freqs = (0.64, 0.11, 0.12, 0.13)
+  cfg.test_quality_freqs = ()  # the held-out split's, when it should differ (empty: quality_freqs)
   cfg.posterolateral_freqs = (0.5, 0.3, 0.2)  # none, unilateral, bilateral, among abnormal vertebrae
   cfg.spacing_mm = (1.0, 1.0, 2.5)
   cfg.levels = DEFAULT_LEVELS
@@ -541,10 +542,11 @@ def _vertebra_with_slices(seed_seq, quality, posterolateral, levels, cfg):
                      f'in {_MAX_ATTEMPTS} attempts')
 
 
-def vertebra_classes(cfg, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def vertebra_classes(cfg, n: int, seed: int, quality_freqs=None) -> tuple[np.ndarray, np.ndarray]:
   """(quality, posterolateral) of n vertebrae: exact counts from the configured frequencies, shuffled."""
   rng = np.random.default_rng([seed, 2**31 - 1])
-  quality = np.repeat(np.arange(4), _exact_counts(cfg.quality_freqs, n))
+  freqs = cfg.quality_freqs if quality_freqs is None else quality_freqs
+  quality = np.repeat(np.arange(4), _exact_counts(freqs, n))
   rng.shuffle(quality)
   posterolateral = np.zeros(n, np.int64)
   abnormal = np.flatnonzero(quality != NORMAL)
@@ -573,7 +575,8 @@ def build_phantom_slices(cfg, split: str) -> dict[str, np.ndarray]:
     raise ValueError(f'the {split} split needs at least one vertebra, got {n}')
   for level in cfg.levels:
     levels_lib.normalise_level(level)
-  quality, posterolateral = vertebra_classes(cfg, n, seed)
+  test_freqs = tuple(cfg.get('test_quality_freqs') or ())
+  quality, posterolateral = vertebra_classes(cfg, n, seed, test_freqs if split == 'test' and test_freqs else None)
   out = {k: [] for k in ('image', 'quality', 'posterolateral', 'vertebra', 'z_index')}
   vert_level = []
   for i in range(n):
