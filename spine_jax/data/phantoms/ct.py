@@ -28,6 +28,7 @@ from spine_jax.data import levels as levels_lib
 from spine_jax.data import manifest as manifest_lib
 from spine_jax.data import nifti
 from spine_jax.data import slices as slices_lib
+from spine_jax.data.phantoms import shapes
 from spine_jax.metrics import classification
 
 NORMAL, BLASTIC, MIXED, LYTIC = range(4)
@@ -147,22 +148,6 @@ class _Canvas:
     return tuple(r[0, k] * d[0] + r[1, k] * d[1] + r[2, k] * d[2] for k in range(3))
 
 
-def _ellipse(u, v, a, b):
-  """Approximate signed distance to an ellipse with semi-axes a, b (exact on the axes)."""
-  k0 = np.sqrt(np.square(u / a) + np.square(v / b))
-  k1 = np.sqrt(np.square(u / (a * a)) + np.square(v / (b * b)))
-  return k0 * (k0 - 1.0) / np.maximum(k1, 1e-6)
-
-
-def _capsule(u, v, w, p0, p1, radius, w_scale=1.0):
-  """Signed distance to a segment p0-p1 thickened by `radius`, w stretched by w_scale (flat or tall sections)."""
-  d = np.array(p1, np.float32) - np.array(p0, np.float32)
-  d[2] *= w_scale
-  q = (u - p0[0], v - p0[1], (w - p0[2]) * w_scale)
-  h = np.clip((q[0] * d[0] + q[1] * d[1] + q[2] * d[2]) / max(float(d @ d), 1e-6), 0.0, 1.0)
-  return np.sqrt(np.square(q[0] - h * d[0]) + np.square(q[1] - h * d[1]) + np.square(q[2] - h * d[2])) - radius
-
-
 def _capsule_box(p0, p1, radius, w_radius):
   """Local bounding box (lo, hi) of a capsule."""
   lo = np.minimum(p0, p1) - (radius, radius, w_radius)
@@ -196,11 +181,11 @@ def _anatomy(d: dict) -> dict[str, list[_Part]]:
   flare = 0.05
 
   def canal(u, v, w):
-    return _ellipse(u, v, cw / 2, cd / 2)
+    return shapes.ellipse_sdf(u, v, cw / 2, cd / 2)
 
   def body_section(u, v, w, grow=1.0):
     f = grow * (1.0 + flare * np.square(np.clip(2.0 * w / h, -1.0, 1.0)))
-    return np.maximum(_ellipse(u, v - by, width / 2 * f, depth / 2 * f), 1.0 - canal(u, v, w))
+    return np.maximum(shapes.ellipse_sdf(u, v - by, width / 2 * f, depth / 2 * f), 1.0 - canal(u, v, w))
 
   def body(u, v, w):
     return np.maximum(body_section(u, v, w), np.abs(w) - h / 2)
@@ -223,28 +208,28 @@ def _anatomy(d: dict) -> dict[str, list[_Part]]:
   for s in (1.0, -1.0):
     # Pedicle: from inside the body back to the lamina, upper part of the body's height.
     p0, p1 = (s * px, cd / 2 + 3.0, ped_z), (s * px, -0.15 * cd, ped_z)
-    post.append(_Part(lambda u, v, w, p0=p0, p1=p1: _capsule(u, v, w, p0, p1, pw / 2, pw / ped_h),
+    post.append(_Part(lambda u, v, w, p0=p0, p1=p1: shapes.capsule_sdf(u, v, w, p0, p1, pw / 2, pw / ped_h),
                       *_capsule_box(p0, p1, pw / 2, ped_h / 2)))
     # Transverse process: lateral from the pedicle-lamina junction, tilted backwards.
     tl, ta, tr = d['transverse_length'], np.deg2rad(d['transverse_angle']), 4.0
     t0 = np.array((s * (cw / 2 + pw / 2), -0.2 * cd, ped_z - 0.1 * h))
     t1 = t0 + (s * (pw / 2 + tl) * np.cos(ta), -(pw / 2 + tl) * np.sin(ta), 0.0)
     tz = 0.17 * h
-    post.append(_Part(lambda u, v, w, t0=t0, t1=t1: _capsule(u, v, w, t0, t1, tr, tr / tz),
+    post.append(_Part(lambda u, v, w, t0=t0, t1=t1: shapes.capsule_sdf(u, v, w, t0, t1, tr, tr / tz),
                       *_capsule_box(t0, t1, tr, tz)))
     # Articular processes: superior reaches up into the disc level, inferior down into it.
     fr = d['facet']
     a0, a1 = (s * px, -0.35 * cd, ped_z), (s * px, -0.35 * cd, h / 2 + 0.45 * disc - fr)
-    post.append(_Part(lambda u, v, w, a0=a0, a1=a1: _capsule(u, v, w, a0, a1, fr), *_capsule_box(a0, a1, fr, fr)))
+    post.append(_Part(lambda u, v, w, a0=a0, a1=a1: shapes.capsule_sdf(u, v, w, a0, a1, fr), *_capsule_box(a0, a1, fr, fr)))
     b0, b1 = (s * (px - 2.0), -0.35 * cd - 4.0, -0.1 * h), (s * (px - 2.0), -0.35 * cd - 4.0,
                                                              -h / 2 - 0.45 * disc + fr)
-    post.append(_Part(lambda u, v, w, b0=b0, b1=b1: _capsule(u, v, w, b0, b1, fr), *_capsule_box(b0, b1, fr, fr)))
+    post.append(_Part(lambda u, v, w, b0=b0, b1=b1: shapes.capsule_sdf(u, v, w, b0, b1, fr), *_capsule_box(b0, b1, fr, fr)))
   # Laminae: the ring behind the canal, from below the pedicles to just below the body.
   lam_top, lam_bottom = h / 2 - 0.15 * h, -h / 2 - 0.05 * h
   lam_c, lam_h = (lam_top + lam_bottom) / 2, (lam_top - lam_bottom) / 2
 
   def lamina(u, v, w):
-    ring = np.maximum(_ellipse(u, v, cw / 2 + lam, cd / 2 + lam), -canal(u, v, w))
+    ring = np.maximum(shapes.ellipse_sdf(u, v, cw / 2 + lam, cd / 2 + lam), -canal(u, v, w))
     return np.maximum(np.maximum(ring, v + 0.05 * cd), np.abs(w - lam_c) - lam_h)
   post.append(_Part(lamina, (-cw / 2 - lam, -cd / 2 - lam, lam_bottom), (cw / 2 + lam, 0.0, lam_top)))
   # Spinous process: a tall, thin plate pointing back (and down in the thorax).
@@ -252,7 +237,7 @@ def _anatomy(d: dict) -> dict[str, list[_Part]]:
   sr, sh = 3.0, 0.25 * h
   s0 = np.array((0.0, -cd / 2 - lam / 2, -0.1 * h))
   s1 = s0 + (0.0, -(lam / 2 + sl) * np.cos(sa), -(lam / 2 + sl) * np.sin(sa))
-  post.append(_Part(lambda u, v, w: _capsule(u, v, w, s0, s1, sr, sr / sh), *_capsule_box(s0, s1, sr, sh)))
+  post.append(_Part(lambda u, v, w: shapes.capsule_sdf(u, v, w, s0, s1, sr, sr / sh), *_capsule_box(s0, s1, sr, sh)))
   return parts
 
 
@@ -384,7 +369,7 @@ def _tissue_hu(rng, canvas: _Canvas, d: dict, geo: dict, trabecular: float, cort
   hu += _ramp(geo['disc']) * (rng.uniform(70, 100) - hu)
   hu += _ramp(geo['canal']) * (rng.uniform(0, 15) - hu)
   if d['cord']:
-    cord = _Part(lambda u, v, w: _ellipse(u, v, d['canal_width'] * 0.3, d['canal_depth'] * 0.25),
+    cord = _Part(lambda u, v, w: shapes.ellipse_sdf(u, v, d['canal_width'] * 0.3, d['canal_depth'] * 0.25),
                  (-20, -20, -1e4), (20, 20, 1e4))
     cord_sdf = np.full(canvas.shape, _FAR, np.float32)
     _paint_min(canvas, cord_sdf, cord)
@@ -399,7 +384,7 @@ def _add_benign(rng, canvas: _Canvas, d: dict, hu: np.ndarray, body_core: np.nda
   if rng.random() < 0.4:
     back = _body_centre(d) - d['depth'] / 2
     front = back + 0.35 * d['depth']
-    vein = _Part(lambda u, v, w: _capsule(u, v, w, (0, back, 0), (0, front, 0), 1.5, 0.8),
+    vein = _Part(lambda u, v, w: shapes.capsule_sdf(u, v, w, (0, back, 0), (0, front, 0), 1.5, 0.8),
                  (-2, back - 2, -3), (2, front + 2, 3))
     vein_sdf = np.full(canvas.shape, _FAR, np.float32)
     _paint_min(canvas, vein_sdf, vein)

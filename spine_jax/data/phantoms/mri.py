@@ -31,6 +31,7 @@ from scipy import ndimage
 
 from spine_jax.data import levels as levels_lib
 from spine_jax.data import nifti
+from spine_jax.data.phantoms import shapes
 
 PIR = ('P', 'I', 'R')
 REFERENCE_SPACING_MM = (0.75, 0.75, 1.65)
@@ -365,24 +366,6 @@ class _Field:
 # Shapes (signed distances, mm, negative inside)
 
 
-def _ellipse(x, y, a, b):
-  """Approximate signed distance to an ellipse with semi-axes a, b (exact on the axes)."""
-  k0 = np.sqrt(np.square(x / a) + np.square(y / b))
-  k1 = np.sqrt(np.square(x / (a * a)) + np.square(y / (b * b)))
-  return k0 * (k0 - 1.0) / np.maximum(k1, 1e-6)
-
-
-def _capsule(u, v, w, p0, p1, radius, w_scale=1.0):
-  """Signed distance to a segment p0-p1 thickened by `radius`, w stretched by w_scale (flat or tall sections)."""
-  d = np.array(p1, np.float64) - np.array(p0, np.float64)
-  d[2] *= w_scale
-  q = (u - np.float32(p0[0]), v - np.float32(p0[1]), (w - np.float32(p0[2])) * np.float32(w_scale))
-  h = np.clip((q[0] * np.float32(d[0]) + q[1] * np.float32(d[1]) + q[2] * np.float32(d[2]))
-              / np.float32(max(float(d @ d), 1e-6)), 0.0, 1.0)
-  return (np.sqrt(np.square(q[0] - h * np.float32(d[0])) + np.square(q[1] - h * np.float32(d[1]))
-                  + np.square(q[2] - h * np.float32(d[2]))) - np.float32(radius))
-
-
 @dataclasses.dataclass
 class _Part:
   """A labelled shape in a piece's frame: sdf(u, v, w) within the local box [lo, hi]."""
@@ -398,7 +381,7 @@ def _capsule_part(label, p0, p1, radius, half_height=None) -> _Part:
   lo = np.minimum(p0, p1) - (radius, radius, hh)
   hi = np.maximum(p0, p1) + (radius, radius, hh)
   return _Part(label, tuple(lo), tuple(hi),
-               lambda u, v, w: _capsule(u, v, w, p0, p1, radius, radius / hh))
+               lambda u, v, w: shapes.capsule_sdf(u, v, w, p0, p1, radius, radius / hh))
 
 
 def _pedicle_z(h: float) -> tuple[float, float]:
@@ -430,7 +413,7 @@ def _posterior_parts(d: dict) -> list[_Part]:
 
   def lamina(u, v, w):
     vv = v + np.float32(vc)
-    ring = np.maximum(_ellipse(u, vv, cw / 2 + lam, cd / 2 + lam), -_ellipse(u, vv, cw / 2, cd / 2))
+    ring = np.maximum(shapes.ellipse_sdf(u, vv, cw / 2 + lam, cd / 2 + lam), -shapes.ellipse_sdf(u, vv, cw / 2, cd / 2))
     ring = np.maximum(ring, vv + np.float32(0.1 * cd))
     centre = np.float32(lam_c) + np.float32(0.35) * (vv + np.float32(cd / 2))  # shingled: lower further back
     return np.maximum(ring, np.abs(w - centre) - np.float32(lam_h))
@@ -475,8 +458,8 @@ def _body_section(d: dict, u, v, w, grow: float = 1.0):
   """Body cross-section: elliptic, waisted at mid-height, its back wall carved by the canal."""
   h = d['height']
   waist = np.float32(grow) * (1.0 - np.float32(d['waist']) * (1.0 - np.square(np.clip(w * np.float32(2 / h), -1, 1))))
-  sec = _ellipse(u, v, np.float32(d['width'] / 2) * waist, np.float32(d['depth'] / 2) * waist)
-  return np.maximum(sec, -_ellipse(u, v + np.float32(d['vc']), d['canal_width'] / 2, d['canal_depth'] / 2))
+  sec = shapes.ellipse_sdf(u, v, np.float32(d['width'] / 2) * waist, np.float32(d['depth'] / 2) * waist)
+  return np.maximum(sec, -shapes.ellipse_sdf(u, v + np.float32(d['vc']), d['canal_width'] / 2, d['canal_depth'] / 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,12 +542,12 @@ def _body_marks(rng, d, u, v, w, value, tis):
   value = np.broadcast_to(value, np.broadcast_shapes(u.shape, v.shape, w.shape)).copy()
   b = d['depth'] / 2
   if rng.random() < 0.5:
-    vein = _capsule(u, v, w, (0.0, -b + 1.5, 0.0), (0.0, -b + 0.35 * d['depth'], 0.0), 1.0, 1.5)
+    vein = shapes.capsule_sdf(u, v, w, (0.0, -b + 1.5, 0.0), (0.0, -b + 0.35 * d['depth'], 0.0), 1.0, 1.5)
     value[vein <= 0] = np.float32(min(tis.marrow + 0.3, 0.95))
   if rng.random() < 0.1:
     r = rng.uniform(3.0, 6.0)
     c = (rng.uniform(-0.4, 0.4) * d['width'] / 2, rng.uniform(-0.4, 0.4) * b, rng.uniform(-0.2, 0.2) * d['height'])
-    spot = _capsule(u, v, w, c, c, r)
+    spot = shapes.capsule_sdf(u, v, w, c, c, r)
     value[spot <= 0] = np.float32(rng.uniform(0.7, 0.9))
   return value
 
@@ -587,7 +570,7 @@ def _paint_disc(field: _Field, upper: _Piece, lower: _Piece, tis: _Tissue, rng) 
   half_w = np.float32((du['width'] + dl['width']) / 4 * 1.03)
   half_d = np.float32((du['depth'] + dl['depth']) / 4 * 1.03)
   vc = np.float32((du['vc'] + dl['vc']) / 2)
-  sec = np.maximum(_ellipse(um, vm, half_w, half_d), -_ellipse(um, vm + vc, (du['canal_width'] + dl['canal_width']) / 4,
+  sec = np.maximum(shapes.ellipse_sdf(um, vm, half_w, half_d), -shapes.ellipse_sdf(um, vm + vc, (du['canal_width'] + dl['canal_width']) / 4,
                                                                (du['canal_depth'] + dl['canal_depth']) / 4))
   sdf = np.maximum(sec, -np.minimum(below_upper, above_lower))
   inside = sdf <= 0
@@ -654,7 +637,7 @@ def _paint_atlas(field: _Field, piece: _Piece, tis: _Tissue) -> None:
 
   def posterior_arch(u, v, w):
     vv = v + np.float32(vc)
-    ring = np.maximum(_ellipse(u, vv, cw / 2 + lam, cd / 2 + lam), -_ellipse(u, vv, cw / 2, cd / 2))
+    ring = np.maximum(shapes.ellipse_sdf(u, vv, cw / 2 + lam, cd / 2 + lam), -shapes.ellipse_sdf(u, vv, cw / 2, cd / 2))
     return np.maximum(np.maximum(ring, vv), np.abs(w) - np.float32(0.7 * half))
   parts.append(_Part(ARCUS, (-cw / 2 - lam, -cd / 2 - lam - vc, -half), (cw / 2 + lam, -vc, half), posterior_arch))
   for part in parts:
@@ -670,12 +653,12 @@ def _paint_sacral(field: _Field, piece: _Piece, tis: _Tissue, marrow: float) -> 
   top_gap = d['disc_above'] / 2 if d['segment'] > 1 else 0.0
 
   def body(u, v, w):
-    sec = np.maximum(_ellipse(u, v, a, b), -_ellipse(u, v + np.float32(vc), cw / 2, cd / 2))
+    sec = np.maximum(shapes.ellipse_sdf(u, v, a, b), -shapes.ellipse_sdf(u, v + np.float32(vc), cw / 2, cd / 2))
     return np.maximum(sec, np.maximum(w - np.float32(h / 2 + top_gap), -w - np.float32(h / 2 + gap)))
 
   def dorsal(u, v, w):
     vv = v + np.float32(vc)
-    ring = np.maximum(_ellipse(u, vv, cw / 2 + lam, cd / 2 + lam), -_ellipse(u, vv, cw / 2, cd / 2))
+    ring = np.maximum(shapes.ellipse_sdf(u, vv, cw / 2 + lam, cd / 2 + lam), -shapes.ellipse_sdf(u, vv, cw / 2, cd / 2))
     return np.maximum(np.maximum(ring, vv), np.maximum(w - np.float32(h / 2 + top_gap), -w - np.float32(h / 2 + gap)))
   parts = [_Part(SACRUM, (-a, -b, -h / 2 - gap), (a, b, h / 2 + top_gap), body),
            _Part(SACRUM, (-cw / 2 - lam, -cd / 2 - lam - vc, -h / 2 - gap), (cw / 2 + lam, -vc, h / 2 + top_gap),
@@ -810,7 +793,7 @@ def _paint_canal(field: _Field, rows: _Rows, pieces, tis: _Tissue, rng) -> dict:
   d = ((field.axes[0][band][:, None] - rows.p[None, :].astype(np.float32)) * rows.cos[None, :].astype(np.float32))
   u = field.axes[2][None, :] - rows.r[:, None].astype(np.float32)
   d3, u3 = d[:, :, None], u[None, :, :]
-  canal = _ellipse(u3, d3, (cw / 2).astype(np.float32)[None, :, None], (cd / 2).astype(np.float32)[None, :, None]) <= 0
+  canal = shapes.ellipse_sdf(u3, d3, (cw / 2).astype(np.float32)[None, :, None], (cd / 2).astype(np.float32)[None, :, None]) <= 0
   open_rows = (rows.s <= s_end)[None, :, None]
   sem, sig = field.sem[band], field.signal[band]
   sig[canal & ~open_rows] = np.float32(tis.fat)  # the sacral canal below the dural sac: epidural fat
@@ -822,7 +805,7 @@ def _paint_canal(field: _Field, rows: _Rows, pieces, tis: _Tissue, rng) -> dict:
   shift = np.float32(rng.uniform(-1.0, 1.0))
   half_d = np.maximum(v['cord_depth'] / 2 * taper, 1e-3).astype(np.float32)[None, :, None]
   half_w = np.maximum(v['cord_width'] / 2 * taper, 1e-3).astype(np.float32)[None, :, None]
-  cord = (_ellipse(u3, d3 - shift, half_w, half_d) <= 0) & (taper > 0.05)[None, :, None] & canal
+  cord = (shapes.ellipse_sdf(u3, d3 - shift, half_w, half_d) <= 0) & (taper > 0.05)[None, :, None] & canal
   sem[cord] = CORD
   sig[cord] = np.float32(tis.cord)
   # Cauda equina: thin roots hanging from the conus in the posterior canal.
