@@ -78,8 +78,8 @@ def run_ct() -> int:
       rows = vertebrae.classify_ct(state, config, mesh, image, mask, scheme=_SCHEME.value, labels=_LABELS.value)
       meta = {"image": str(image), "mask": str(mask), "scheme": _SCHEME.value,
               "checkpoint": str(pathlib.Path(_CHECKPOINT.value).absolute()),
-              "classes": {"quality": list(vertebrae.QUALITY_NAMES),
-                          "posterolateral": list(vertebrae.POSTEROLATERAL_NAMES)}}
+              "classes": {"quality": list(vertebrae.QUALITY_CLASSES),
+                          "posterolateral": list(vertebrae.POSTEROLATERAL_CLASSES)}}
       json_path, csv_path = vertebra_report.write_reports(rows, meta, _OUTPUT.value, name)
       print(f"[{i}/{len(pairs)}] {image}: {len(rows)} vertebrae -> {json_path}, {csv_path}", flush=True)
       for row in rows:

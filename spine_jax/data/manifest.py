@@ -25,9 +25,8 @@ import numpy as np
 from spine_jax.data import levels as levels_lib
 from spine_jax.data import nifti
 from spine_jax.data import slices as slices_lib
+from spine_jax.data.classes import POSTEROLATERAL_CLASSES, QUALITY_CLASSES
 
-QUALITY_CLASSES = ('normal', 'blastic', 'mixed', 'lytic')
-POSTEROLATERAL_CLASSES = ('none', 'unilateral', 'bilateral')
 SPLITS = ('train', 'val', 'test')
 REQUIRED = ('image', 'mask', 'label', 'quality', 'posterolateral')
 OPTIONAL = ('split', 'scheme')

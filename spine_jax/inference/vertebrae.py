@@ -12,9 +12,8 @@ from spine_jax.data import pipelines
 from spine_jax.metrics import classification
 from spine_jax.training import mesh as mesh_lib
 from spine_jax.training import steps
+from spine_jax.data.classes import POSTEROLATERAL_CLASSES, QUALITY_CLASSES
 
-QUALITY_NAMES = ("normal", "blastic", "mixed", "lytic")
-POSTEROLATERAL_NAMES = ("none", "unilateral", "bilateral")
 
 
 def make_predict_fn(state, mesh):
@@ -102,14 +101,14 @@ def classify_ct(state, config, mesh, image_path, mask_path, *, scheme: str, labe
     q = pl = None
     if "quality" in decided:
       q = int(decided["quality"][0])
-      row["quality"] = QUALITY_NAMES[q]
-      row["quality_probs"] = dict(zip(QUALITY_NAMES, map(float, decided["quality_probs"][0])))
-      row["slice_quality_counts"] = dict(zip(QUALITY_NAMES, map(int, np.bincount(
+      row["quality"] = QUALITY_CLASSES[q]
+      row["quality_probs"] = dict(zip(QUALITY_CLASSES, map(float, decided["quality_probs"][0])))
+      row["slice_quality_counts"] = dict(zip(QUALITY_CLASSES, map(int, np.bincount(
           probs["quality"].argmax(-1), minlength=4))))
     if "posterolateral" in decided:
       pl = int(decided["posterolateral"][0])
-      row["posterolateral"] = POSTEROLATERAL_NAMES[pl]
-      row["posterolateral_probs"] = dict(zip(POSTEROLATERAL_NAMES, map(float, decided["posterolateral_probs"][0])))
+      row["posterolateral"] = POSTEROLATERAL_CLASSES[pl]
+      row["posterolateral_probs"] = dict(zip(POSTEROLATERAL_CLASSES, map(float, decided["posterolateral_probs"][0])))
     if q is not None and pl is not None:
       row["sins"] = sins.partial_sins(level, q, pl)
     rows.append(row)

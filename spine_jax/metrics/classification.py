@@ -9,9 +9,8 @@ turns NaN into None for JSON.
 import math
 
 import numpy as np
+from spine_jax.data.classes import POSTEROLATERAL_CLASSES, QUALITY_CLASSES
 
-QUALITY_CLASSES = ('normal', 'blastic', 'mixed', 'lytic')
-POSTEROLATERAL_CLASSES = ('none', 'unilateral', 'bilateral')
 NORMAL, BLASTIC, MIXED, LYTIC = 0, 1, 2, 3
 
 

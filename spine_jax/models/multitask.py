@@ -37,9 +37,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from spine_jax.models import densenet
+from spine_jax.data.classes import POSTEROLATERAL_CLASSES, QUALITY_CLASSES
 
-QUALITY_CLASSES = ('normal', 'blastic', 'mixed', 'lytic')
-POSTEROLATERAL_CLASSES = ('none', 'unilateral', 'bilateral')
 SUBTASKS = ('blastic', 'lytic', 'posterolateral')
 KINDS = ('hard', 'soft', 'single_quality', 'single_posterolateral')
 OUTPUT_KEYS = {
@@ -48,16 +47,8 @@ OUTPUT_KEYS = {
     'single_quality': ('quality',),
     'single_posterolateral': ('posterolateral',),
 }
-# Row q: (is_blastic, is_lytic) of quality class q; the targets of the two binary heads.
-QUALITY_TO_BLASTIC_LYTIC = ((0, 0), (1, 0), (1, 1), (0, 1))
 
 _TRUNK_OVERRIDES = ('growth_rate', 'block_config', 'num_init_features', 'bn_size', 'stem')
-
-
-def split_quality(quality):
-  """Binary targets (is_blastic, is_lytic) from quality class indices, any shape."""
-  table = jnp.asarray(QUALITY_TO_BLASTIC_LYTIC, jnp.int32)[jnp.asarray(quality)]
-  return table[..., 0], table[..., 1]
 
 
 def default_model_config() -> ml_collections.ConfigDict:

@@ -12,8 +12,8 @@ still reported, being a property of the level alone.
 """
 import re
 
-QUALITY_NAMES = ('normal', 'blastic', 'mixed', 'lytic')
-POSTEROLATERAL_NAMES = ('none', 'unilateral', 'bilateral')
+from spine_jax.data.classes import POSTEROLATERAL_CLASSES, QUALITY_CLASSES
+
 
 LOCATION_POINTS = {'junctional': 3, 'mobile': 2, 'semi-rigid': 1, 'rigid': 0}
 LESION_POINTS = {'normal': 0, 'blastic': 0, 'mixed': 1, 'lytic': 2}
@@ -83,12 +83,12 @@ def _name(value, names, what):
 
 def quality_name(quality):
   """'normal' | 'blastic' | 'mixed' | 'lytic' from an index 0..3 or a name."""
-  return _name(quality, QUALITY_NAMES, 'bone quality')
+  return _name(quality, QUALITY_CLASSES, 'bone quality')
 
 
 def posterolateral_name(posterolateral):
   """'none' | 'unilateral' | 'bilateral' from an index 0..2 or a name."""
-  return _name(posterolateral, POSTEROLATERAL_NAMES, 'posterolateral class')
+  return _name(posterolateral, POSTEROLATERAL_CLASSES, 'posterolateral class')
 
 
 def lesion_points(quality):

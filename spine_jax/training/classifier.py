@@ -57,7 +57,7 @@ class ClassifierTask:
     decided = vertebrae.vertebra_decisions(probs, test["vertebra"], cfg.eval)
     report = {"num_slices": int(len(test["image"])), "num_vertebrae": int(len(decided["vertebra"])),
               "slice": {}, "vertebra": {}}
-    tasks = (("quality", vertebrae.QUALITY_NAMES), ("posterolateral", vertebrae.POSTEROLATERAL_NAMES))
+    tasks = (("quality", vertebrae.QUALITY_CLASSES), ("posterolateral", vertebrae.POSTEROLATERAL_CLASSES))
     for name, classes in tasks:
       if name not in probs:
         continue

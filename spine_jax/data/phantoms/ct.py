@@ -30,10 +30,9 @@ from spine_jax.data import nifti
 from spine_jax.data import slices as slices_lib
 from spine_jax.data.phantoms import shapes
 from spine_jax.metrics import classification
+from spine_jax.data.classes import POSTEROLATERAL_CLASSES, QUALITY_CLASSES
 
 NORMAL, BLASTIC, MIXED, LYTIC = range(4)
-QUALITY_CLASSES = manifest_lib.QUALITY_CLASSES
-POSTEROLATERAL_CLASSES = manifest_lib.POSTEROLATERAL_CLASSES
 DEFAULT_LEVELS = tuple(f'T{i}' for i in range(1, 13)) + tuple(f'L{i}' for i in range(1, 6))
 
 # Regions in the returned `region` volume (used by tests and for per-slice labels).
