@@ -12,6 +12,7 @@ import numpy as np
 from absl import logging
 
 from spine_jax.data import nifti
+from spine_jax.metrics import classification
 from spine_jax.training import checkpoints
 from spine_jax.training import mesh as mesh_lib
 from spine_jax.training import state as state_lib
@@ -60,19 +61,6 @@ def _jsonable(x):
   if isinstance(x, np.ndarray):
     return x.tolist()
   raise TypeError(f"not JSON serialisable: {type(x)}")
-
-
-def _nan_to_none(obj):
-  """JSON has no NaN: undefined metrics (a class without support) are written as null."""
-  if isinstance(obj, dict):
-    return {k: _nan_to_none(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_nan_to_none(v) for v in obj]
-  if isinstance(obj, (float, np.floating)):
-    return None if not math.isfinite(obj) else float(obj)
-  if isinstance(obj, np.integer):
-    return int(obj)
-  return obj
 
 
 class _SigtermFlag:
@@ -168,7 +156,7 @@ def train_and_evaluate(config, workdir) -> dict:
         if config.checkpoint_every and step % config.checkpoint_every == 0:
           checkpoints.save(mngr, step, state, data_iter, config)
         if config.get("eval_every") and step % config.eval_every == 0 and step < config.num_train_steps:
-          headline = task.headline(_nan_to_none(task.evaluate(state, mesh, None)))
+          headline = task.headline(classification.nan_to_none(task.evaluate(state, mesh, None)))
           writer.write(step, {k: v for k, v in headline.items() if v is not None}, prefix="eval")
           _say(f"step {step} held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in headline.items() if v is not None))
         if sigterm.raised:
@@ -181,7 +169,7 @@ def train_and_evaluate(config, workdir) -> dict:
     writer.close()
 
   report = task.evaluate(state, mesh, workdir if jax.process_index() == 0 else None)
-  report = _nan_to_none({"task": config.task, "step": step, **report})
+  report = classification.nan_to_none({"task": config.task, "step": step, **report})
   if jax.process_index() == 0:
     nifti.atomic_write_text(workdir / "eval.json", json.dumps(report, indent=2))
     print(task.format_report(report), flush=True)
