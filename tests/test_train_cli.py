@@ -38,3 +38,26 @@ def test_unknown_config_field_is_named(tmp_path):
 def test_unknown_variant_is_named(tmp_path):
   out = _train("--config=configs/mtl.py:smokey", f"--workdir={tmp_path}")
   assert out.returncode != 0 and "smokey" in out.stderr
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_for_requeue(tmp_path):
+  import signal
+  import time
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, "-m", "spine_jax.train", "--config=configs/mtl.py:smoke",
+                           f"--workdir={workdir}", "--config.num_train_steps=1000000", "--config.log_every=20",
+                           "--config.checkpoint_every=0"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  reached = None
+  deadline = time.time() + 300
+  for line in proc.stdout:  # wait until training is under way
+    if line.startswith("step "):
+      reached = int(line.split()[1].split("/")[0])
+      break
+    assert time.time() < deadline
+  assert reached is not None
+  proc.send_signal(signal.SIGTERM)
+  proc.stdout.read()  # drain, so the process is never blocked on a full pipe
+  assert proc.wait(timeout=120) == 42
+  saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(saved) == 1 and saved[0] >= reached
+  assert not (workdir / "eval.json").exists()
