@@ -287,22 +287,27 @@ def _body_blobs(rng, d, size_range, count, z_centre, z_half):
   return blobs
 
 
+def _blastic_blobs(rng, d, z_centre, z_half):
+  """One large sclerotic focus or 2-4 smaller ones in the body."""
+  if rng.random() < 0.5:
+    return _body_blobs(rng, d, (0.3, 0.55), 1, z_centre, z_half)
+  return _body_blobs(rng, d, (0.18, 0.3), int(rng.integers(2, 5)), z_centre, z_half)
+
+
+def _lytic_blobs(rng, d, z_centre, z_half):
+  """One or two areas of destruction in the body."""
+  return _body_blobs(rng, d, (0.35, 0.65), int(rng.integers(1, 3)), z_centre, z_half)
+
+
 def _lesion_blobs(rng, d, quality, posterolateral):
   """(blastic blobs, lytic blobs, posterolateral blobs with their side and kind) for one vertebra."""
   h = d['height']
   z_half = rng.uniform(0.7, 1.0) * h / 2
   z_centre = rng.uniform(-1, 1) * (h / 2 - z_half)
-  blastic, lytic = [], []
-  if quality == BLASTIC:
-    if rng.random() < 0.5:
-      blastic = _body_blobs(rng, d, (0.3, 0.55), 1, z_centre, z_half)
-    else:
-      blastic = _body_blobs(rng, d, (0.18, 0.3), int(rng.integers(2, 5)), z_centre, z_half)
-  elif quality == LYTIC:
-    lytic = _body_blobs(rng, d, (0.35, 0.65), int(rng.integers(1, 3)), z_centre, z_half)
-  elif quality == MIXED:
-    lytic = _body_blobs(rng, d, (0.3, 0.5), 1, z_centre, z_half)
-    blastic = _body_blobs(rng, d, (0.2, 0.35), int(rng.integers(1, 4)), z_centre, z_half)
+  # A mixed lesion is a blastic and a lytic lesion drawn by the same generators as the pure ones:
+  # mixed = blastic and lytic at once, the premise of the paper's sub-task decomposition.
+  blastic = _blastic_blobs(rng, d, z_centre, z_half) if quality in (BLASTIC, MIXED) else []
+  lytic = _lytic_blobs(rng, d, z_centre, z_half) if quality in (LYTIC, MIXED) else []
   sides = {0: (), 1: (float(rng.choice((1.0, -1.0))),), 2: (1.0, -1.0)}[posterolateral]
   cd, cw, pw = d['canal_depth'], d['canal_width'], d['pedicle_width']
   ped_z, _ = _pedicle_z(h)
