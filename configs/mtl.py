@@ -45,7 +45,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       flip_lr=True, flip_ap=True, max_rotation_deg=30.0, intensity_scale=0.1, intensity_shift=0.1, noise_std=0.05))
 
   c.batch_size = 64                  # global, over all devices and processes
-  c.num_train_steps = 1200
+  c.num_train_steps = 1000
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", learning_rate=2e-3, weight_decay=1e-5, b1=0.9, b2=0.999,
       warmup_steps=100, schedule="cosine", end_learning_rate_factor=0.01, grad_clip_norm=5.0))
