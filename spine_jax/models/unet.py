@@ -49,6 +49,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from spine_jax.models import conv as conv_lib
+
 NORMS = ('instance', 'batch', 'group')
 
 # nnU-Net's InitWeights_He(1e-2): kaiming_normal_(a=0.01) on every conv, zero biases.
@@ -77,6 +79,9 @@ def default_unet_config() -> ml_collections.ConfigDict:
   cfg.deep_supervision = True
   cfg.dtype = 'float32'  # compute dtype ('bfloat16' halves activation memory); params float32
   cfg.remat = False  # recompute each conv stack in the backward pass to save activation memory
+  # 'auto': sum of 2D convolutions on CPU (several times faster there), XLA's 3D conv elsewhere;
+  # same parameters either way (models/conv.py).
+  cfg.conv = 'auto'
   return cfg
 
 
@@ -125,13 +130,14 @@ class ConvStack(nn.Module):
   norm: Callable[..., nn.Module] = make_norm('instance')
   act: Callable[[jnp.ndarray], jnp.ndarray] = functools.partial(nn.leaky_relu,
                                                                 negative_slope=0.01)
+  conv: Callable[..., nn.Module] = nn.Conv
 
   @nn.compact
   def __call__(self, x, train: bool):
     kernel = tuple(self.kernel_size)
     for c in range(self.num_convs):
       stride = tuple(self.stride) if c == 0 else (1,) * len(kernel)
-      x = nn.Conv(self.features, kernel, strides=stride, padding=_pad(kernel),
+      x = self.conv(self.features, kernel, strides=stride, padding=_pad(kernel),
                   use_bias=self.use_bias, dtype=self.dtype, kernel_init=he_normal,
                   name=f'conv{c}')(x)
       norm = self.norm(dtype=self.dtype, name=f'norm{c}')
@@ -192,6 +198,7 @@ class PlainConvUNet(nn.Module):
   norm: Callable[..., nn.Module] = make_norm('instance')
   act: Callable[[jnp.ndarray], jnp.ndarray] = functools.partial(nn.leaky_relu,
                                                                 negative_slope=0.01)
+  conv: Callable[..., nn.Module] = nn.Conv
 
   @property
   def n_stages(self) -> int:
@@ -229,7 +236,7 @@ class PlainConvUNet(nn.Module):
                        f'have one entry per spatial axis')
     stack_cls = nn.remat(ConvStack, static_argnums=(2,)) if self.remat else ConvStack
     stack = functools.partial(stack_cls, use_bias=self.conv_bias, dtype=self.dtype,
-                              norm=self.norm, act=self.act)
+                              norm=self.norm, act=self.act, conv=self.conv)
     f, k, s = self.features_per_stage, self.kernel_sizes, self.strides
     for i in range(n):
       # setattr keeps names the PyTorch keys map onto (see the module docstring).
@@ -242,7 +249,7 @@ class PlainConvUNet(nn.Module):
       setattr(self, f'decoder_stage{i}', stack(
           features=f[-(i + 2)], num_convs=self.n_conv_per_stage_decoder[i],
           kernel_size=tuple(k[-(i + 2)]), stride=ones))
-      setattr(self, f'decoder_seg{i}', nn.Conv(
+      setattr(self, f'decoder_seg{i}', self.conv(
           self.num_classes, ones, padding='VALID', use_bias=True, dtype=self.dtype,
           kernel_init=he_normal))
 
@@ -290,6 +297,7 @@ def build_unet(cfg: Mapping[str, Any]) -> PlainConvUNet:
       dtype=_dtype(cfg['dtype']),
       norm=make_norm(cfg['norm'], int(cfg.get('norm_groups', 8))),
       act=functools.partial(nn.leaky_relu, negative_slope=float(cfg['leaky_relu_slope'])),
+      conv=conv_lib.make_conv(str(cfg.get('conv', 'auto'))),
   )
 
 
