@@ -31,6 +31,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model = multitask.default_model_config()
   c.model.kind = "hard"
   c.model.trunk = "small"
+  c.model.init_from = ""             # trunk weights: torchvision/MONAI DenseNet .pth or `convert densenet` .npz
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "phantom"          # 'phantom' | 'manifest'

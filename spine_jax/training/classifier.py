@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pathlib
 
+import jax
 import numpy as np
 
 from spine_jax.data import manifest as manifest_lib
@@ -40,6 +41,18 @@ class ClassifierTask:
     size = config.data.slices.image_size
     self.init_shape = (1, size, size, config.data.in_channels)
     self._test = None
+
+  def initial_state(self, state):
+    """A new run's state with the DenseNet trunk from ``config.model.init_from`` (a torchvision/MONAI
+    .pth or a converted .npz); heads start fresh. Resumed runs never come here."""
+    path = self.config.model.get("init_from", "")
+    if not path:
+      return state
+    from spine_jax.conversion import densenet as densenet_conversion  # torch only for .pth files
+    state = densenet_conversion.load_into_state(state, path)
+    if jax.process_index() == 0:
+      print(f"trunk initialised from {path}", flush=True)
+    return state
 
   def train_iterator(self, process_index=None, process_count=None):
     return pipelines.classifier_train_iterator(load_split(self.config, "train"), self.config,

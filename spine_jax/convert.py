@@ -1,0 +1,81 @@
+"""Entry point for converting public PyTorch weights.
+
+  python -m spine_jax.convert densenet --input=densenet121.pth --output=densenet121.npz
+  python -m spine_jax.convert nnunet --input=MODEL_FOLDER --output=runs/converted [--fold=0]
+
+`densenet` checks a torchvision or MONAI DenseNet-121/169/201 state dict against the architecture it
+describes and writes its trunk as a torch-free .npz; train from it with
+`--config.model.init_from=densenet121.npz` (a .pth works there too, when torch is installed).
+
+`nnunet` converts an nnU-Net v2 model folder (plans.json, dataset.json, fold_k/checkpoint_final.pth;
+a SPINEPS semantic model folder with its inference_config.json too) into a checkpoint folder that
+`python -m spine_jax.predict semantic --checkpoint=OUTPUT` loads like a trained one.
+
+Files are read with torch.load(weights_only=True): a file that holds more than tensors and plain data
+is refused unless --trust_pickle is given. Nothing is written unless the conversion succeeds.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+_INPUT = flags.DEFINE_string("input", None, "densenet: a .pth/.pt state dict; nnunet: the model folder.")
+_OUTPUT = flags.DEFINE_string("output", None, "densenet: the .npz to write; nnunet: the checkpoint folder.")
+_TRUST = flags.DEFINE_bool("trust_pickle", False, "Load files that need full pickle (can run code from the file).")
+_FOLD = flags.DEFINE_string("fold", "0", "nnunet: which fold_k to convert.")
+_CONFIGURATION = flags.DEFINE_string("configuration", None, "nnunet: plans configuration (default: the "
+                                     "checkpoint's, else the folder name's, e.g. 3d_fullres).")
+_CHECKPOINT_NAME = flags.DEFINE_string("checkpoint_name", "checkpoint_final.pth", "nnunet: file in fold_k.")
+_AXCODES = flags.DEFINE_string("axcodes", None, "nnunet: orientation the network's training images had, e.g. "
+                               "PIR (default: inference_config.json's, else PIR).")
+_LABEL_MAP = flags.DEFINE_string("label_map", "", "nnunet: NAME=ID,... dataset.json label names (or values) to "
+                                 "SPINEPS ids, for names that are not recognised.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "nnunet: replace an existing output folder.")
+
+COMMANDS = ("densenet", "nnunet")
+
+
+def run_densenet() -> int:
+  from spine_jax.conversion import densenet
+
+  summary = densenet.convert_file(_INPUT.value, _OUTPUT.value, trust_pickle=_TRUST.value)
+  print(f"{summary['source']}: {summary['flavour']} {summary['description']}, "
+        f"{summary['num_parameters']:,} trunk parameters -> {summary['output']}")
+  if summary["dropped_head"]:
+    print(f"  classifier not kept (heads start fresh): {summary['dropped_head']}")
+  return 0
+
+
+def run_nnunet() -> int:
+  from spine_jax.conversion import nnunet
+
+  summary = nnunet.convert_folder(
+      _INPUT.value, _OUTPUT.value, fold=_FOLD.value, configuration=_CONFIGURATION.value,
+      checkpoint_name=_CHECKPOINT_NAME.value, axcodes=tuple(_AXCODES.value) if _AXCODES.value else None,
+      label_map=nnunet.parse_label_map(_LABEL_MAP.value), trust_pickle=_TRUST.value, overwrite=_OVERWRITE.value)
+  print(json.dumps(summary, indent=2))
+  print(f"checkpoint written: python -m spine_jax.predict semantic --checkpoint={summary['output']} ...")
+  return 0
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"usage: python -m spine_jax.convert {{{'|'.join(COMMANDS)}}} --input=... --output=... "
+                         f"(got {argv[1:]})")
+  if not _INPUT.value or not _OUTPUT.value:
+    raise app.UsageError(f"{argv[1]} needs --input and --output")
+  logging.set_verbosity(logging.WARNING)
+  from spine_jax.conversion.errors import ConversionError
+  try:
+    return {"densenet": run_densenet, "nnunet": run_nnunet}[argv[1]]()
+  except ConversionError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  app.run(main)
