@@ -1,7 +1,17 @@
-"""Entry point: python -m spine_jax.train --config=configs/mtl.py --workdir=DIR [--config.field=value]."""
+"""Entry point: python -m spine_jax.train --config=configs/mtl.py --workdir=DIR [--config.field=value].
+
+The same command runs on one device, one host, or as one of many processes of a multi-host job:
+`--distributed` (or SPINE_JAX_DISTRIBUTED=1, or any of --coordinator_address/--num_processes/
+--process_id) joins the job with `jax.distributed.initialize` before any device is touched. On
+SLURM, Cloud TPU VMs and Open MPI the coordinator, process count and index are detected; elsewhere
+(Kubernetes, a plain shell) pass them. See launch/ for ready-made launchers.
+"""
+import os
 import re
 import sys
+import traceback
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
@@ -13,6 +23,30 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file 
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval.json.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", None, "Join a multi-process job with jax.distributed.initialize. Default: on when "
+    "SPINE_JAX_DISTRIBUTED=1 or any of --coordinator_address/--num_processes/--process_id is given.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0's coordinator service (or env JAX_COORDINATOR_ADDRESS); "
+    "detected on SLURM, Cloud TPU VMs and Open MPI.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job (detected where possible).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1 (detected where possible).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    "local_device_ids", None, "Accelerators this process drives, e.g. 0,1,2,3 (default: JAX's choice, one GPU per "
+    "process under SLURM/Open MPI, all local devices otherwise).")
+flags.register_validator("local_device_ids", lambda v: v is None or all(i.strip().isdigit() for i in v),
+                         message="--local_device_ids takes device numbers separated by commas, e.g. 0,1,2,3")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout", 300, "Seconds to wait for every process to join before giving up.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "Seconds without heartbeats after which a process counts as dead; every other process "
+    "then stops with an error instead of waiting for it.")
+_SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
+    "shutdown_timeout", 300, "Seconds a finishing process waits for the others at the final barrier.")
+_STEP_TIMEOUT = flags.DEFINE_float(
+    "step_timeout", 1800.0, "Multi-process runs: seconds without a finished training step (after the first, and "
+    "outside checkpoints and evaluations) after which a process reports a hang and exits. 0: never.")
 
 
 def parse_flags(argv):
@@ -30,11 +64,51 @@ def parse_flags(argv):
     sys.exit(f"error: {e}\nPass --helpshort to see the flags.")
 
 
+def wants_distributed() -> bool:
+  """The flag wins either way; otherwise explicit job coordinates or SPINE_JAX_DISTRIBUTED=1 (for launchers
+  that can set the environment but not the command) turn it on."""
+  if _DISTRIBUTED.value is not None:
+    return _DISTRIBUTED.value
+  if any(v is not None for v in (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)):
+    return True
+  return os.environ.get("SPINE_JAX_DISTRIBUTED", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def start_distributed() -> None:
+  """jax.distributed.initialize, which must precede any use of a device; what is not given is auto-detected."""
+  ids = [int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None
+  where = (f"coordinator {_COORDINATOR.value or os.environ.get('JAX_COORDINATOR_ADDRESS') or '(auto-detected)'}, "
+           f"process {_PROCESS_ID.value if _PROCESS_ID.value is not None else '?'} of "
+           f"{_NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else '?'}")
+  try:
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+        local_device_ids=ids, initialization_timeout=_INIT_TIMEOUT.value,
+        heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value, shutdown_timeout_seconds=_SHUTDOWN_TIMEOUT.value)
+  except Exception as e:  # noqa: BLE001 - whatever the cause, the user needs the parameters it ran with
+    sys.exit(f"error: could not join the distributed run ({where}, initialization_timeout "
+             f"{_INIT_TIMEOUT.value} s): {type(e).__name__}: {e}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
-  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  logging.set_verbosity(logging.WARNING)  # orbax, grain and jax.distributed are chatty at INFO
+  if wants_distributed():
+    start_distributed()
+  if jax.process_index() > 0:  # progress and warnings from process 0 only; the others report errors
+    logging.set_verbosity(logging.ERROR)
+  try:
+    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, step_timeout=_STEP_TIMEOUT.value)
+  except (Exception, KeyboardInterrupt) as e:  # SystemExit (preemption's 42) passes through
+    if jax.process_count() == 1:
+      raise
+    # Leave at once, skipping the shutdown barrier: the other processes then see this one gone and stop
+    # (collective error or missed heartbeats) instead of waiting in a collective for it.
+    traceback.print_exc()
+    print(f"error: process {jax.process_index()}/{jax.process_count()} failed ({type(e).__name__}); exiting "
+          f"without waiting for the other processes", file=sys.stderr, flush=True)
+    os._exit(130 if isinstance(e, KeyboardInterrupt) else 1)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,25 @@
-"""Orbax checkpoints of the train state, every process's data-iterator state and the config."""
+"""Orbax checkpoints of the train state, every process's data-iterator state and the config.
+
+Every process of a multi-host run calls save/restore: orbax writes the (replicated) state once and
+each process its own `data_iter/process_<i>-of-<n>.json`. A step folder appears only when complete, so
+a run killed mid-save resumes from the step before.
+"""
 from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 def manager(workdir, *, max_to_keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-                                         enable_async_checkpointing=False)
+                                         enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options,
                                item_names=("state", "data_iter", "config"))
 
@@ -25,15 +33,59 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, config: ml_co
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state, data_iter=None, step: int | None = None):
-  """Restores into `abstract_state` (ShapeDtypeStructs with shardings); the iterator in place if given."""
+  """Restores into `abstract_state` (ShapeDtypeStructs with shardings); the iterator in place if given.
+
+  The targets' shardings decide the placement, so a checkpoint restores onto any device count.
+  """
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
-  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
   if data_iter is not None:
-    items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-  restored = mngr.restore(step, args=ocp.args.Composite(**items))
+    data_iter.set_state(iterator_state(pathlib.Path(mngr.directory) / str(step) / "data_iter",
+                                       jax.process_index(), jax.process_count()))
+    if hasattr(data_iter, "start_prefetch"):  # as grain's own CheckpointRestore does
+      data_iter.start_prefetch()
   return restored["state"], step
+
+
+_ITER_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def iterator_state(directory, process_index: int, process_count: int) -> dict:
+  """This process's data-iterator state, also from a checkpoint written by a different number of processes.
+
+  Every process of a run holds the same `{'next_index': k}` (k global batches consumed; see
+  data/pipelines.py), so such a state restores on any process count. Any other state (grain worker
+  processes keep per-worker positions) restores only on the process count that wrote it.
+  """
+  directory = pathlib.Path(directory)
+  own = directory / f"process_{process_index}-of-{process_count}.json"
+  if own.exists():
+    return json.loads(own.read_text())
+  found = {}
+  for f in directory.glob("process_*-of-*.json") if directory.is_dir() else ():
+    m = _ITER_FILE.fullmatch(f.name)
+    if m:
+      found.setdefault(int(m.group(2)), {})[int(m.group(1))] = json.loads(f.read_text())
+  if not found:
+    raise FileNotFoundError(f"checkpoint {directory.parent} holds no data-iterator state in {directory}")
+  if len(found) > 1:
+    raise ValueError(f"checkpoint {directory.parent} mixes data-iterator states of {sorted(found)} processes")
+  (written_by, states), = found.items()
+  missing = sorted(set(range(written_by)) - set(states))
+  if missing:
+    raise ValueError(f"checkpoint {directory.parent} lacks the data-iterator state of process(es) {missing} of "
+                     f"{written_by}: it is incomplete")
+  first = states[0]
+  if set(first) != {"next_index"} or any(s != first for s in states.values()):
+    raise ValueError(
+        f"checkpoint {directory.parent} was written by {written_by} processes and its data-iterator states are "
+        f"per-process ({sorted(first)}), so it cannot restore on {process_count} processes; resume with "
+        f"{written_by} processes, or with config.data.num_workers=0 in both runs")
+  logging.warning("data-iterator state written by %d processes restored on %d: next global batch %d",
+                  written_by, process_count, first["next_index"])
+  return dict(first)
 
 
 def find_checkpoint(path) -> tuple[pathlib.Path, int]:

@@ -6,6 +6,8 @@ gradient all-reduce. BatchNorm statistics are global under this scheme, so modul
 """
 from __future__ import annotations
 
+import socket
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -44,7 +46,20 @@ def global_batch(local_batch, mesh):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
+def local_mesh() -> jax.sharding.Mesh:
+  """The same one-axis mesh over this process's devices only, for work each process does on its own."""
+  devices = jax.local_devices()
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def local_copy(tree, mesh):
+  """Replicated global arrays -> the same values replicated over `mesh` (this process's devices); no transfer
+  between processes, since every process already holds a full copy."""
+  sharding = replicated(mesh)
+  return jax.tree.map(lambda x: jax.device_put(x.addressable_data(0), sharding), tree)
+
+
 def describe(mesh) -> str:
-  return (f"process {jax.process_index()}/{jax.process_count()}: local devices "
+  return (f"process {jax.process_index()}/{jax.process_count()} on {socket.gethostname()}: local devices "
           f"{[d.id for d in jax.local_devices()]}, mesh {dict(mesh.shape)} over {mesh.devices.size} devices "
           f"({jax.devices()[0].platform})")
