@@ -10,4 +10,7 @@ def get_task(config):
   if name == "semantic":
     from spine_jax.training.segmentation import SemanticTask
     return SemanticTask(config)
-  raise ValueError(f"config.task: unknown task {name!r} (mtl, semantic)")
+  if name == "instance":
+    from spine_jax.training.instance import InstanceTask
+    return InstanceTask(config)
+  raise ValueError(f"config.task: unknown task {name!r} (mtl, semantic, instance)")
