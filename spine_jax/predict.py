@@ -13,6 +13,14 @@ scan is done in turn; a failing scan is reported and the others go on.
 `semantic` segments sagittal T2w MRI (SPINEPS phase 1) into <name>_seg-spine_msk.nii.gz on the input's
 exact grid, plus a quick-look <name>_seg-spine_snp.png. A folder is searched recursively; scans whose
 mask already exists are skipped (--overwrite redoes them); each failure is reported at the end.
+
+  python -m spine_jax.predict spine --semantic_checkpoint=RUN_DIR --instance_checkpoint=RUN_DIR \
+      --input=scan.nii.gz|FOLDER --output=OUT_DIR [--first_vertebra=C2] [--ref_dir=DIR | --ref_instance=FILE]
+
+`spine` runs SPINEPS phases 1 and 2 (inference/spine.py) and writes, side by side, <name>_seg-spine_msk.nii.gz
+(semantic), <name>_seg-vert_msk.nii.gz (numbered instances), <name>_seg-spine_ctd.json (centroids and phase
+2's warnings) and <name>_seg-spine_snp.png. Scans with all four are skipped unless --overwrite; a failed scan
+leaves none. With a reference instance mask, instance metrics are printed per scan.
 """
 from __future__ import annotations
 
@@ -32,10 +40,19 @@ _SCHEME = flags.DEFINE_enum("scheme", "spineps", ["spineps", "totalsegmentator"]
 _LABELS = flags.DEFINE_list("labels", None, "Only these mask labels (default: every vertebra label).")
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder.")
 _NAME = flags.DEFINE_string("name", None, "Output name stem (default: the image file's name).")
-_INPUT = flags.DEFINE_string("input", None, "semantic: a NIfTI file or a folder of them.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "semantic: redo scans whose outputs exist.")
+_INPUT = flags.DEFINE_string("input", None, "semantic, spine: a NIfTI file or a folder of them.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "semantic, spine: redo scans whose outputs exist.")
+_SEMANTIC_CHECKPOINT = flags.DEFINE_string("semantic_checkpoint", None, "spine: phase 1 (semantic) run or checkpoint.")
+_INSTANCE_CHECKPOINT = flags.DEFINE_string("instance_checkpoint", None, "spine: phase 2 (instance) run or checkpoint.")
+_FIRST_VERTEBRA = flags.DEFINE_string(
+    "first_vertebra", None, "spine: level (e.g. C2, T10) or SPINEPS id of the topmost vertebra in the field "
+    "(default: the instance config's, 1 = C1).")
+_REF_INSTANCE = flags.DEFINE_string("ref_instance", None, "spine: reference instance mask of the one input scan.")
+_REF_DIR = flags.DEFINE_string(
+    "ref_dir", None, "spine: folder of reference instance masks, <name>_seg-vert_msk.nii.gz (or with the name's "
+    "last _suffix dropped), searched recursively; instance metrics are printed for each scan that has one.")
 
-COMMANDS = ("ct", "semantic")
+COMMANDS = ("ct", "semantic", "spine")
 
 
 def _stem(path: pathlib.Path) -> str:
@@ -112,10 +129,17 @@ class _Progress:
     self.windows(0, 1)
 
   def windows(self, done: int, total: int):
+    self.stage("windows", done, total)
+
+  def stage(self, unit: str, done: int, total: int | None):
+    """A bar when the total is known (sliding windows), else a count (phase 2's cutouts)."""
     width = 24
-    filled = int(width * done / max(total, 1))
-    print(f"\r[{self.index}/{self.total}] {self.name[-50:]:50s} [{'#' * filled}{'.' * (width - filled)}] "
-          f"{done}/{total} windows", end="", flush=True)
+    if total is None:
+      bar = f"{done} {unit}"
+    else:
+      filled = int(width * done / max(total, 1))
+      bar = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {unit}"
+    print(f"\r[{self.index}/{self.total}] {self.name[-50:]:50s} {bar:40s}", end="", flush=True)
 
 
 def run_semantic() -> int:
@@ -155,11 +179,86 @@ def run_semantic() -> int:
   return 1 if failures else 0
 
 
+def _reference(spine, stem: str, paths: dict, references: dict | None):
+  if _REF_INSTANCE.value:
+    return pathlib.Path(_REF_INSTANCE.value)
+  return spine.find_reference(references, stem, exclude=paths.values()) if references is not None else None
+
+
+def _report_metrics(scan, vert_path, ref) -> dict:
+  """Print the instance metrics of a scan's vertebra mask against its reference; returns the report."""
+  from spine_jax.metrics import instances as instance_metrics
+  report = instance_metrics.compare_instance_files(vert_path, ref)
+  print(f"  {scan.name} against {ref}:", flush=True)
+  table = instance_metrics._summary(report)  # pylint: disable=protected-access
+  print("\n".join("    " + line for line in table.splitlines()), flush=True)
+  return report
+
+
+def _print_spine_result(instance_path, result: dict) -> None:
+  vertebrae = result["centroids"]["vertebrae"]
+  print(f"\n  -> {instance_path}: {len(vertebrae)} vertebrae "
+        f"({', '.join(v['level'] or k for k, v in vertebrae.items())})", flush=True)
+  for message in result["messages"]:
+    print(f"    warning: {message}", flush=True)
+
+
+def run_spine() -> int:
+  import logging as py_logging
+  from spine_jax.inference import semantic
+  from spine_jax.inference import spine
+
+  if not (_SEMANTIC_CHECKPOINT.value and _INSTANCE_CHECKPOINT.value and _INPUT.value and _OUTPUT.value):
+    raise app.UsageError("spine needs --semantic_checkpoint, --instance_checkpoint, --input and --output")
+  if _REF_INSTANCE.value and _REF_DIR.value:
+    raise app.UsageError("spine: give --ref_instance or --ref_dir, not both")
+  try:
+    first = spine.parse_first_vertebra(_FIRST_VERTEBRA.value)
+    scans = semantic.find_scans(_INPUT.value)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(f"spine: {e}") from e
+  if _REF_INSTANCE.value and len(scans) != 1:
+    raise app.UsageError(f"spine: --ref_instance is for one input scan, found {len(scans)}; use --ref_dir")
+  references = spine.index_references(_REF_DIR.value) if _REF_DIR.value else None
+  out_dir = pathlib.Path(_OUTPUT.value)
+  jobs = [(scan, semantic.output_stem(scan)) for scan in scans]
+  jobs = [(scan, stem, spine.output_paths(out_dir, stem)) for scan, stem in jobs]
+  todo = {scan for scan, _, paths in jobs if _OVERWRITE.value or not spine.outputs_exist(paths)}
+  models = spine.load_spine_models(_SEMANTIC_CHECKPOINT.value, _INSTANCE_CHECKPOINT.value) if todo else None
+  py_logging.getLogger(spine.PHASE2_LOGGER).setLevel(py_logging.ERROR)  # its warnings are printed per scan below
+  progress = _Progress(len(scans))
+  failures, segmented, dice = [], 0, []
+  for i, (scan, stem, paths) in enumerate(jobs, 1):
+    if scan in todo:
+      progress.file(i, scan.name)
+      try:
+        result = spine.segment_file(*models, scan, paths, first_vertebra=first, progress=progress.stage)
+      except (ValueError, OSError, RuntimeError, MemoryError) as e:  # bad files; a scan too large for the device
+        failures.append((scan, e))
+        print(f"\n[{i}/{len(scans)}] FAILED {scan}: {e}", file=sys.stderr, flush=True)
+        continue
+      segmented += 1
+      _print_spine_result(paths["instance"], result)
+    ref = _reference(spine, stem, paths, references)
+    if ref is not None:  # also for scans done before: metrics read the written mask
+      try:
+        dice.append(_report_metrics(scan, paths["instance"], ref)["groups"]["vertebrae"]["by_overlap"]["mean_dice"])
+      except (ValueError, OSError) as e:
+        failures.append((scan, f"reference {ref}: {e}"))
+  print(f"{segmented} segmented, {len(scans) - len(todo)} already done, {len(failures)} failed", flush=True)
+  scored = [d for d in dice if d is not None]
+  if scored:
+    print(f"mean vertebra Dice (paired by overlap) over {len(scored)} scan(s): {sum(scored) / len(scored):.3f}")
+  for scan, e in failures:
+    print(f"  {scan}: {e}", file=sys.stderr)
+  return 1 if failures else 0
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m spine_jax.predict {{{'|'.join(COMMANDS)}}} --flags (got {argv[1:]})")
   logging.set_verbosity(logging.WARNING)
-  return {"ct": run_ct, "semantic": run_semantic}[argv[1]]()
+  return {"ct": run_ct, "semantic": run_semantic, "spine": run_spine}[argv[1]]()
 
 
 if __name__ == "__main__":

@@ -173,3 +173,16 @@ def sagittal_snapshot_figure(image, masks, titles):
 def sagittal_snapshot_png(image, masks, titles, path):
   """A quick-look PNG of a PIR image and its masks, written atomically."""
   atomic_write_bytes(path, figure_png_bytes(sagittal_snapshot_figure(image, masks, titles)))
+
+
+def spine_instance_colour_keys(mask: np.ndarray) -> np.ndarray:
+  """SPINEPS instance ids -> keys for `_label_colours` (`sagittal_snapshot_figure`'s masks).
+
+  Plain ids would colour disc 100 + X and endplate 200 + X as vertebra X (ids cycle through 20
+  colours). tab20 pairs a dark and a light shade of 10 hues: vertebra X gets the dark shade of hue
+  X mod 10 (neighbours differ), its disc and endplates the light shade of the same hue.
+  """
+  mask = np.asarray(mask, np.int64)
+  vertebra = mask % 100
+  keys = 20 + 2 * (vertebra % 10) + (mask >= 100)
+  return np.where(mask > 0, keys, 0)

@@ -1,0 +1,224 @@
+"""SPINEPS phases 1 and 2 together: a T2w scan -> semantic mask, numbered instances, centroids, picture.
+
+Where each step runs:
+1. Phase 1 (`semantic.segment_array`) in the semantic checkpoint's model space; its mask comes back
+   to the input grid as `predict semantic` writes it.
+2. That input-grid mask goes to the instance checkpoint's model space (`config.data.preprocess`:
+   orientation and spacing, nearest neighbour), exactly as the instance network's training volumes
+   did, and `instance.segment_instances` runs there with `config.inference` (cutout size, thresholds).
+3. The instances come back to the input grid by nearest neighbour, and `instance.label_spine` runs
+   again there, on the input grid reoriented to PIR (no resampling) with the input-grid semantic
+   mask. The instance grid is usually coarser than the scan (a 1 mm endplate can vanish there, a
+   vertebra's edge falls on the wrong voxel): in input space every vertebra voxel of the semantic
+   mask gets exactly one instance, and discs and endplates are numbered from the mask as written.
+   Numbering is positional in both runs, so the ids agree unless an instance vanishes. With a
+   perfect network on a phantom (tests/inference/test_spine_pipeline.py), nearest neighbour alone
+   gives vertebra Dice 0.80-0.89 against the reference on the input grid; relabelled there, 0.96-1.0.
+The semantic mask is written as phase 1 made it; phase 2 only reads it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+from spine_jax.data import nifti
+from spine_jax.data import spatial
+from spine_jax.inference import instance as instance_lib
+from spine_jax.inference import restore
+from spine_jax.inference import semantic as semantic_lib
+from spine_jax.reports import pictures
+from spine_jax.training import instance as instance_training
+from spine_jax.training import mesh as mesh_lib
+
+OUTPUT_SUFFIXES = {"semantic": "_seg-spine_msk.nii.gz", "instance": "_seg-vert_msk.nii.gz",
+                   "centroids": "_seg-spine_ctd.json", "snapshot": "_seg-spine_snp.png"}
+REFERENCE_SUFFIXES = ("_seg-vert_msk.nii.gz", "_seg-vert_msk.nii")
+# Phase 2's warnings are returned (printed and stored per scan by the command); its logger repeats them.
+PHASE2_LOGGER = instance_lib.logger.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A restored checkpoint with its training config and the jitted function inference calls (made once,
+  so every scan reuses one compiled program)."""
+  state: Any
+  config: ml_collections.ConfigDict
+  mesh: Any
+  fn: Callable
+  checkpoint: str
+
+
+def load_spine_models(semantic_checkpoint, instance_checkpoint, mesh=None) -> tuple[Model, Model]:
+  """(semantic model, instance model) from two training work directories or checkpoint folders, on one mesh."""
+  mesh = mesh or mesh_lib.make_mesh()
+  state, config, mesh = restore.load_for_inference(semantic_checkpoint, "semantic", mesh)
+  sem = Model(state, config, mesh, semantic_lib.make_logits_fn(state, mesh), str(semantic_checkpoint))
+  state, config, mesh = restore.load_for_inference(instance_checkpoint, "instance", mesh)
+  inst = Model(state, config, mesh, instance_training.make_predict_fn(state, mesh), str(instance_checkpoint))
+  return sem, inst
+
+
+def parse_first_vertebra(value) -> int | None:
+  """A --first_vertebra value (level name like 'T10', or SPINEPS id like '17') as an id; None stays None."""
+  if value is None or value == "":
+    return None
+  text = str(value).strip()
+  return instance_lib.first_vertebra_id(int(text) if text.isdigit() else text)
+
+
+def phase2_config(instance_model: Model, first_vertebra=None) -> ml_collections.ConfigDict:
+  """The instance checkpoint's `config.inference`, with the numbering start overridden when given."""
+  cfg = ml_collections.ConfigDict(instance_model.config.inference.to_dict())
+  if first_vertebra is not None:
+    cfg.first_vertebra = parse_first_vertebra(first_vertebra)
+  return cfg
+
+
+def _counting(predict_fn: Callable, report: Callable[[int], None]) -> Callable:
+  """`predict_fn` that also reports how many cutouts it has seen. A real cutout is one-hot at every
+  voxel, batch padding is all zero, so one voxel per cutout tells them apart."""
+  done = [0]
+
+  def predict(batch):
+    done[0] += int(np.asarray(batch)[:, 0, 0, 0].any(-1).sum())
+    report(done[0])
+    return predict_fn(batch)
+  return predict
+
+
+def _dedupe(messages) -> list[str]:
+  return list(dict.fromkeys(messages))
+
+
+def instances_in_input_space(semantic: np.ndarray, affine: np.ndarray, instance_model: Model, cfg=None, *,
+                             name="scan", predict_fn=None) -> tuple[np.ndarray, list[str]]:
+  """Phase 2 on an input-grid semantic mask: (instance mask with SPINEPS ids on the same grid (int16), messages).
+
+  `cfg` is phase 2's settings (default `phase2_config(instance_model)`); `predict_fn` replaces the
+  model's network (progress counting, or a test's perfect network).
+  """
+  cfg = cfg if cfg is not None else phase2_config(instance_model)
+  prep = instance_model.config.data.preprocess
+  model_mask, space = spatial.mask_to_model_space(semantic, affine, axcodes=tuple(prep.axcodes),
+                                                  spacing=tuple(prep.spacing), max_voxels=prep.max_voxels, name=name)
+  model_instances, messages = instance_lib.segment_instances(model_mask, predict_fn or instance_model.fn, cfg,
+                                                             spacing=space.model_spacing)
+  coarse = spatial.from_model_space(model_instances, space, is_mask=True)
+  # Only the vertebrae travel: the sacrum, discs and endplates are remade from the input-grid semantic mask.
+  coarse = np.where((coarse < instance_lib.DISC_OFFSET) & (coarse != instance_lib.SACRUM_ID), coarse, 0)
+  sem_pir, _, reorientation = nifti.reorient(semantic, affine, spatial.PIR)
+  coarse_pir, _, _ = nifti.reorient(coarse, affine, spatial.PIR)
+  labelled, more = instance_lib.label_spine(
+      coarse_pir, sem_pir, first_vertebra=cfg.first_vertebra, endplate_owner=cfg.endplate_owner,
+      reassign_articular=bool(cfg.reassign_articular), assign_missing=bool(cfg.assign_missing))
+  more = [f"on the input grid: {m}" for m in more]
+  return nifti.undo_reorientation(labelled, reorientation).astype(np.int16), _dedupe(messages + more)
+
+
+def segment_spine(image: np.ndarray, affine: np.ndarray, semantic_model: Model, instance_model: Model, *,
+                  first_vertebra=None, name="scan", progress: Callable | None = None) -> dict:
+  """Phases 1 and 2 on an image in memory: {semantic, instance, centroids, messages}.
+
+  `semantic` (uint8 SPINEPS ids) and `instance` (int16: vertebrae 1-28, discs 100 + X, endplates
+  200 + X) lie on the image's own grid (shape of `image`, `affine`); `centroids` is
+  `instance.centroids` (world mm); `messages` are phase 2's warnings (no vertebral body, a single
+  vertebra, fused bodies ...). `first_vertebra` (id or level name) overrides the instance config's
+  numbering start. `progress(stage, done, total)` hears of sliding windows ('windows', done, total)
+  and cutouts ('cutouts', done, None).
+  """
+  affine = np.asarray(affine, np.float64)
+  windows = (lambda d, t: progress("windows", d, t)) if progress else None
+  sem = semantic_lib.segment_array(semantic_model.state, semantic_model.config, semantic_model.mesh, image, affine,
+                                   name=name, logits_fn=semantic_model.fn, progress=windows)
+  predict = _counting(instance_model.fn, lambda d: progress("cutouts", d, None)) if progress else None
+  cfg = phase2_config(instance_model, first_vertebra)
+  instances, messages = instances_in_input_space(sem.mask, affine, instance_model, cfg, name=name, predict_fn=predict)
+  return {"semantic": sem.mask, "instance": instances, "centroids": instance_lib.centroids(instances, sem.mask, affine),
+          "messages": messages}
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def output_paths(out_dir, stem: str) -> dict[str, pathlib.Path]:
+  """The four outputs of a scan, side by side in `out_dir`: semantic, instance, centroids, snapshot."""
+  return {key: pathlib.Path(out_dir) / f"{stem}{suffix}" for key, suffix in OUTPUT_SUFFIXES.items()}
+
+
+def outputs_exist(paths: dict) -> bool:
+  return all(pathlib.Path(p).exists() for p in paths.values())
+
+
+def snapshot_png(image: np.ndarray, affine: np.ndarray, result: dict) -> bytes:
+  """Mid-sagittal quick look (PNG bytes) of the scan on its own voxels (reoriented to PIR), both masks coloured."""
+  views = [nifti.reorient(a, affine, spatial.PIR)[0] for a in (image, result["semantic"], result["instance"])]
+  keys = pictures.spine_instance_colour_keys(views[2])
+  figure = pictures.sagittal_snapshot_figure(views[0], [views[1], keys], ["T2w", "semantic", "instances"])
+  return pictures.figure_png_bytes(figure)
+
+
+def centroids_json(result: dict, meta: dict | None = None) -> str:
+  """`<name>_seg-spine_ctd.json`: `meta` (input, checkpoints ...), phase 2's messages, then the centroids."""
+  return json.dumps({**(meta or {}), "messages": result["messages"], **result["centroids"]}, indent=2) + "\n"
+
+
+def write_outputs(result: dict, image: np.ndarray, affine: np.ndarray, paths: dict, *, header=None,
+                  meta: dict | None = None) -> None:
+  """Write the four outputs, each atomically; if any write fails, the ones already written are removed,
+  so a scan has all its outputs or none (and a resumed run redoes it)."""
+  text, png = centroids_json(result, meta), snapshot_png(image, affine, result)
+  steps = (
+      ("semantic", lambda p: nifti.atomic_save_nifti(result["semantic"], affine, p, header=header, dtype="uint8")),
+      ("instance", lambda p: nifti.atomic_save_nifti(result["instance"], affine, p, header=header, dtype="int16")),
+      ("centroids", lambda p: nifti.atomic_write_text(p, text)),
+      ("snapshot", lambda p: nifti.atomic_write_bytes(p, png)))
+  written = []
+  try:
+    for key, save in steps:
+      save(paths[key])
+      written.append(pathlib.Path(paths[key]))
+  except BaseException:
+    for path in written:
+      path.unlink(missing_ok=True)
+    raise
+
+
+def segment_file(semantic_model: Model, instance_model: Model, path, paths: dict, *, first_vertebra=None,
+                 progress=None) -> dict:
+  """Phases 1 and 2 on a NIfTI file, its four outputs written to `paths` (`output_paths`); returns the result."""
+  image, affine, header = nifti.load_nifti(path)
+  result = segment_spine(image, affine, semantic_model, instance_model, first_vertebra=first_vertebra,
+                         name=str(path), progress=progress)
+  meta = {"input": str(path), "semantic_checkpoint": semantic_model.checkpoint,
+          "instance_checkpoint": instance_model.checkpoint,
+          "first_vertebra": int(phase2_config(instance_model, first_vertebra).first_vertebra)}
+  write_outputs(result, image, affine, paths, header=header, meta=meta)
+  return result
+
+
+def index_references(ref_dir) -> dict[str, pathlib.Path]:
+  """{file name: path} of every instance mask (`*_seg-vert_msk.nii[.gz]`) under `ref_dir`, searched once."""
+  found = {}
+  for path in sorted(pathlib.Path(ref_dir).rglob("*_seg-vert_msk.nii*")):
+    if path.is_file() and path.name.endswith(REFERENCE_SUFFIXES):
+      found.setdefault(path.name, path)
+  return found
+
+
+def find_reference(references: dict, stem: str, exclude=()) -> pathlib.Path | None:
+  """A scan's reference instance mask from `index_references`: `<stem>_seg-vert_msk.nii[.gz]`, or the same
+  with the stem's last BIDS suffix dropped (sub-01_T2w -> sub-01_seg-vert_msk.nii.gz), as derivatives
+  are often named. Paths in `exclude` (our own outputs, when the folders are one) never count."""
+  head, _, last = stem.rpartition("_")
+  stems = [stem] + ([head] if head and "-" not in last else [])
+  excluded = {pathlib.Path(p).resolve() for p in exclude}
+  for name in (s + suffix for s in stems for suffix in REFERENCE_SUFFIXES):
+    if name in references and references[name].resolve() not in excluded:
+      return references[name]
+  return None

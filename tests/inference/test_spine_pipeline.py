@@ -1,0 +1,183 @@
+"""SPINEPS phases 1 and 2 as one command and one API: files, grids, ids, resuming, failures.
+
+Networks trained for a few steps (the smoke configs) make meaningless masks, so these tests check
+the plumbing; the numbers are checked with a perfect instance network (`instance.oracle_predict_fn`)
+on a phantom's reference semantic mask in a non-PIR orientation.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+from configs import instance as instance_config
+from configs import semantic as semantic_config
+from spine_jax.data import nifti
+from spine_jax.data import spatial
+from spine_jax.data import spine_labels
+from spine_jax.data.phantoms import mri
+from spine_jax.inference import instance
+from spine_jax.inference import spine
+from spine_jax.metrics import instances as inst_metrics
+from spine_jax.training import loop
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+LPS = ("L", "P", "S")
+
+
+def _instance_ids_ok(mask) -> bool:
+  """Only SPINEPS instance ids: vertebrae 1-28, discs 100 + X, endplates 200 + X."""
+  ids = {int(v) for v in np.unique(mask) if v}
+  return all(1 <= v <= 28 or 101 <= v <= 128 or 201 <= v <= 228 for v in ids)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """(semantic run, instance run): the smoke configs, a few steps each."""
+  root = tmp_path_factory.mktemp("spine_runs")
+  loop.train_and_evaluate(semantic_config.get_config("smoke"), root / "semantic")
+  loop.train_and_evaluate(instance_config.get_config("smoke"), root / "instance")
+  return root / "semantic", root / "instance"
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+  """A folder with one LPS phantom (and its reference masks) and one broken file."""
+  folder = tmp_path_factory.mktemp("spine_scans")
+  info = mri.write_mri_phantom_nifti(folder, 1, seed=5, axcodes=LPS,
+                                     cfg=semantic_config.get_config("smoke").data.phantom)
+  (folder / "broken_T2w.nii.gz").write_bytes(b"not a nifti file")
+  return folder, pathlib.Path(info["volumes"][0]["image"])
+
+
+def _predict(*args):
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+             JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir))
+  return subprocess.run([sys.executable, "-m", "spine_jax.predict", "spine", *args], capture_output=True, text=True,
+                        cwd=ROOT, timeout=600, env=env)
+
+
+def test_command_writes_four_outputs_on_the_input_grid_resumes_and_reports_failures(runs, scans, tmp_path):
+  (sem_run, inst_run), (folder, image_path) = runs, scans
+  out = tmp_path / "out"
+  args = [f"--semantic_checkpoint={sem_run}", f"--instance_checkpoint={inst_run}", f"--input={folder}",
+          f"--output={out}", "--first_vertebra=T10", f"--ref_dir={folder}"]
+  run = _predict(*args)
+  assert run.returncode == 1, run.stderr[-3000:]
+  assert "broken_T2w.nii.gz" in run.stderr and "1 segmented, 0 already done, 1 failed" in run.stdout
+  assert "against" in run.stdout and "vertebrae" in run.stdout  # metrics against the phantom's reference
+  paths = spine.output_paths(out, image_path.name[: -len(".nii.gz")])
+  src = nib.load(str(image_path))
+  for key in ("semantic", "instance"):
+    img = nib.load(str(paths[key]))
+    assert img.shape == src.shape and nib.aff2axcodes(img.affine) == LPS
+    np.testing.assert_allclose(img.affine, src.affine, atol=1e-5)
+  semantic = np.asarray(nib.load(str(paths["semantic"])).dataobj)
+  vert = np.asarray(nib.load(str(paths["instance"])).dataobj)
+  assert set(np.unique(semantic).tolist()) <= set(spine_labels.SEMANTIC_IDS)
+  assert _instance_ids_ok(vert)
+  ctd = json.loads(paths["centroids"].read_text())
+  assert ctd["first_vertebra"] == 17 and isinstance(ctd["messages"], list)
+  assert set(ctd["vertebrae"]) == {str(v) for v in np.unique(vert) if 0 < v < 100}
+  for entry in ctd["vertebrae"].values():
+    assert len(entry["centroid_mm"]) == 3 and entry["voxels"] > 0
+  assert paths["snapshot"].read_bytes()[:4] == b"\x89PNG"
+  assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths.values())  # nothing for the broken file
+  stamps = {k: p.stat().st_mtime_ns for k, p in paths.items()}
+  again = _predict(*args)
+  assert again.returncode == 1 and "0 segmented, 1 already done, 1 failed" in again.stdout
+  assert {k: p.stat().st_mtime_ns for k, p in paths.items()} == stamps
+
+
+def test_api_on_arrays_keeps_the_grid(runs):
+  semantic_model, instance_model = spine.load_spine_models(*runs)
+  volume = mri.make_volume(semantic_config.get_config("smoke").data.phantom, "test", 0)
+  image, affine, _ = nifti.reorient(volume["image"], volume["affine"], ("R", "A", "S"))
+  seen = set()
+  result = spine.segment_spine(image, affine, semantic_model, instance_model, first_vertebra="C2",
+                               progress=lambda stage, done, total: seen.add(stage))
+  assert set(result) == {"semantic", "instance", "centroids", "messages"}
+  assert result["semantic"].shape == result["instance"].shape == image.shape
+  assert result["semantic"].dtype == np.uint8 and result["instance"].dtype == np.int16
+  assert set(np.unique(result["semantic"]).tolist()) <= set(spine_labels.SEMANTIC_IDS)
+  assert _instance_ids_ok(result["instance"]) and "windows" in seen
+  assert all(isinstance(m, str) for m in result["messages"])
+  assert {"vertebrae", "discs", "endplates"} <= set(result["centroids"])
+
+
+@pytest.fixture(scope="module")
+def perfect_phase2():
+  """Phase 2 with a perfect network on an LPS phantom's reference semantic mask, through the smoke instance config."""
+  config = instance_config.get_config("smoke")
+  volume = mri.make_volume(config.data.phantom, "test", 0)
+  semantic, affine, _ = nifti.reorient(volume["semantic"], volume["affine"], LPS)
+  reference, _, _ = nifti.reorient(volume["instance"], volume["affine"], LPS)
+  prep, cfg = config.data.preprocess, config.inference
+  model_semantic, space = spatial.mask_to_model_space(semantic, affine, axcodes=tuple(prep.axcodes),
+                                                      spacing=tuple(prep.spacing))
+  centres, _ = instance.vertebral_body_centres(model_semantic, space.model_spacing, erosion=int(cfg.body_erosion),
+                                               min_voxels=cfg.min_body_voxels)
+  oracle = instance.oracle_predict_fn(model_semantic, spatial.apply_model_space(reference, space, is_mask=True),
+                                      centres, tuple(cfg.cutout_size))
+  model = spine.Model(None, config, None, oracle, "oracle")
+  out, messages = spine.instances_in_input_space(semantic, affine, model)
+  return dict(volume=volume, semantic=semantic, reference=reference, affine=affine, out=out, messages=messages)
+
+
+def test_perfect_network_gives_the_phantom_back_on_the_input_grid(perfect_phase2):
+  p = perfect_phase2
+  assert p["out"].shape == p["semantic"].shape and _instance_ids_ok(p["out"])
+  table = inst_metrics.overlap_table(p["out"], p["reference"], (1, 99))
+  dice = table.dice()
+  pred_index = {int(v): i for i, v in enumerate(table.pred_ids)}
+  ref_index = {int(v): i for i, v in enumerate(table.ref_ids)}
+  pairs = {r: q for q, r in inst_metrics.match_by_overlap(table) if q is not None and r is not None}
+  whole = [mri.vertebra_id(level) for level in p["volume"]["full_levels"]]
+  assert len(whole) >= 3
+  for ref_id in whole:  # the input-grid relabelling follows the semantic mask voxel for voxel
+    assert dice[pred_index[pairs[ref_id]], ref_index[ref_id]] > 0.95, ref_id
+  assert len({pairs[r] - r for r in whole}) == 1  # one positional numbering, only its start unknown
+  discs = np.unique(p["out"][(p["out"] > 100) & (p["out"] < 200)])
+  assert len(discs) >= len(whole) - 1  # discs numbered on the input grid
+
+
+def test_outputs_written_all_or_none(perfect_phase2, tmp_path, monkeypatch):
+  p = perfect_phase2
+  result = {"semantic": p["semantic"].astype(np.uint8), "instance": p["out"], "messages": p["messages"],
+            "centroids": instance.centroids(p["out"], p["semantic"], p["affine"])}
+  image = np.asarray(p["semantic"], np.float32)
+  paths = spine.output_paths(tmp_path / "ok", "sub-01_T2w")
+  spine.write_outputs(result, image, p["affine"], paths, meta={"input": "memory"})
+  ctd = json.loads(paths["centroids"].read_text())
+  assert ctd["input"] == "memory" and ctd["messages"] == p["messages"] and ctd["vertebrae"]
+  voxels = np.argwhere(p["out"] == int(next(iter(ctd["vertebrae"]))))
+  world = nib.affines.apply_affine(p["affine"], voxels.mean(axis=0))
+  np.testing.assert_allclose(next(iter(ctd["vertebrae"].values()))["centroid_mm"], world, atol=1e-2)
+
+  def disk_full(*_, **__):
+    raise OSError("No space left on device")
+  monkeypatch.setattr(nifti, "atomic_write_text", disk_full)
+  failed = spine.output_paths(tmp_path / "failed", "sub-01_T2w")
+  with pytest.raises(OSError, match="No space"):
+    spine.write_outputs(result, image, p["affine"], failed)
+  assert not any((tmp_path / "failed").iterdir())
+
+
+def test_reference_found_by_name(tmp_path):
+  for name in ("sub-01_seg-vert_msk.nii.gz", "sub-02_T2w_seg-vert_msk.nii", "other_seg-spine_msk.nii.gz"):
+    (tmp_path / "d" / name).parent.mkdir(exist_ok=True)
+    (tmp_path / "d" / name).write_bytes(b"")
+  refs = spine.index_references(tmp_path)
+  assert spine.find_reference(refs, "sub-01_T2w").name == "sub-01_seg-vert_msk.nii.gz"
+  assert spine.find_reference(refs, "sub-02_T2w").name == "sub-02_T2w_seg-vert_msk.nii"
+  assert spine.find_reference(refs, "sub-02_T2w", exclude=[tmp_path / "d" / "sub-02_T2w_seg-vert_msk.nii"]) is None
+  assert spine.find_reference(refs, "sub-03_T2w") is None
+  assert spine.parse_first_vertebra("T10") == spine.parse_first_vertebra("17") == 17
+  assert spine.parse_first_vertebra(None) is None
+  with pytest.raises(ValueError):
+    spine.parse_first_vertebra("X9")
