@@ -2,6 +2,7 @@
 
   python -m spine_jax.convert densenet --input=densenet121.pth --output=densenet121.npz
   python -m spine_jax.convert nnunet --input=MODEL_FOLDER --output=runs/converted [--fold=0]
+  python -m spine_jax.convert spineps --semantic_folder=SEM --instance_folder=INST --output=runs/spineps
 
 `densenet` checks a torchvision or MONAI DenseNet-121/169/201 state dict against the architecture it
 describes and writes its trunk as a torch-free .npz; train from it with
@@ -10,6 +11,13 @@ describes and writes its trunk as a torch-free .npz; train from it with
 `nnunet` converts an nnU-Net v2 model folder (plans.json, dataset.json, fold_k/checkpoint_final.pth;
 a SPINEPS semantic model folder with its inference_config.json too) into a checkpoint folder that
 `python -m spine_jax.predict semantic --checkpoint=OUTPUT` loads like a trained one.
+
+`spineps` converts SPINEPS' model pair: the semantic folder (an nnU-Net folder with its
+inference_config.json) as `nnunet` does, and the instance folder (inference_config.json and a
+Lightning `*weights*.ckpt` of its Unet3D) into OUTPUT/semantic and OUTPUT/instance, for
+`python -m spine_jax.predict spine --semantic_checkpoint=OUTPUT/semantic --instance_checkpoint=OUTPUT/instance`.
+Either folder alone converts too. Lightning checkpoints often pickle their hyper-parameters: those
+need --trust_pickle.
 
 Files are read with torch.load(weights_only=True): a file that holds more than tensors and plain data
 is refused unless --trust_pickle is given. Nothing is written unless the conversion succeeds.
@@ -24,7 +32,8 @@ from absl import flags
 from absl import logging
 
 _INPUT = flags.DEFINE_string("input", None, "densenet: a .pth/.pt state dict; nnunet: the model folder.")
-_OUTPUT = flags.DEFINE_string("output", None, "densenet: the .npz to write; nnunet: the checkpoint folder.")
+_OUTPUT = flags.DEFINE_string("output", None, "densenet: the .npz to write; nnunet: the checkpoint folder; "
+                              "spineps: the folder to hold semantic/ and instance/.")
 _TRUST = flags.DEFINE_bool("trust_pickle", False, "Load files that need full pickle (can run code from the file).")
 _FOLD = flags.DEFINE_string("fold", "0", "nnunet: which fold_k to convert.")
 _CONFIGURATION = flags.DEFINE_string("configuration", None, "nnunet: plans configuration (default: the "
@@ -34,9 +43,11 @@ _AXCODES = flags.DEFINE_string("axcodes", None, "nnunet: orientation the network
                                "PIR (default: inference_config.json's, else PIR).")
 _LABEL_MAP = flags.DEFINE_string("label_map", "", "nnunet: NAME=ID,... dataset.json label names (or values) to "
                                  "SPINEPS ids, for names that are not recognised.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "nnunet: replace an existing output folder.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "nnunet, spineps: replace an existing output folder.")
+_SEMANTIC_FOLDER = flags.DEFINE_string("semantic_folder", None, "spineps: SPINEPS' semantic model folder.")
+_INSTANCE_FOLDER = flags.DEFINE_string("instance_folder", None, "spineps: SPINEPS' instance model folder.")
 
-COMMANDS = ("densenet", "nnunet")
+COMMANDS = ("densenet", "nnunet", "spineps")
 
 
 def run_densenet() -> int:
@@ -62,16 +73,36 @@ def run_nnunet() -> int:
   return 0
 
 
+def run_spineps() -> int:
+  from spine_jax.conversion import nnunet
+  from spine_jax.conversion import spineps
+
+  summary = spineps.convert_pair(
+      _OUTPUT.value, semantic_folder=_SEMANTIC_FOLDER.value, instance_folder=_INSTANCE_FOLDER.value,
+      trust_pickle=_TRUST.value, overwrite=_OVERWRITE.value, fold=_FOLD.value,
+      configuration=_CONFIGURATION.value, checkpoint_name=_CHECKPOINT_NAME.value,
+      axcodes=tuple(_AXCODES.value) if _AXCODES.value else None,
+      label_map=nnunet.parse_label_map(_LABEL_MAP.value))
+  print(json.dumps(summary, indent=2))
+  if "semantic" in summary and "instance" in summary:
+    print(f"checkpoints written: python -m spine_jax.predict spine --semantic_checkpoint={summary['output']}/semantic "
+          f"--instance_checkpoint={summary['output']}/instance ...")
+  return 0
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m spine_jax.convert {{{'|'.join(COMMANDS)}}} --input=... --output=... "
                          f"(got {argv[1:]})")
-  if not _INPUT.value or not _OUTPUT.value:
+  if argv[1] == "spineps":
+    if not _OUTPUT.value or not (_SEMANTIC_FOLDER.value or _INSTANCE_FOLDER.value):
+      raise app.UsageError("spineps needs --output and --semantic_folder and/or --instance_folder")
+  elif not _INPUT.value or not _OUTPUT.value:
     raise app.UsageError(f"{argv[1]} needs --input and --output")
   logging.set_verbosity(logging.WARNING)
   from spine_jax.conversion.errors import ConversionError
   try:
-    return {"densenet": run_densenet, "nnunet": run_nnunet}[argv[1]]()
+    return {"densenet": run_densenet, "nnunet": run_nnunet, "spineps": run_spineps}[argv[1]]()
   except ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
