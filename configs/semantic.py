@@ -3,7 +3,8 @@
   python -m spine_jax.train --config=configs/semantic.py --workdir=runs/semantic
 
 Variants (after the colon, combined with commas):
-  ''        default: a small U-Net on phantom spines that trains on a 2-core CPU in minutes.
+  ''        default: a narrow U-Net on phantom spines, at 1.5 mm along P (0.75 mm along I, where the
+            1 mm endplates and the discs stack), that trains on a 2-core CPU in about 20 minutes.
   'nnunet'  nnU-Net 3d_fullres scale: 6 stages 32..320, SGD Nesterov 0.99 with poly decay, 1000 epochs'
             worth of steps; for GPUs/TPUs.
   'bf16'    bfloat16 compute (parameters stay float32).
@@ -29,7 +30,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.model = unet.default_unet_config()
   c.model.n_stages = 5
-  c.model.features_per_stage = (16, 32, 64, 96, 128)
+  c.model.features_per_stage = (8, 16, 32, 64, 128)
   c.model.kernel_sizes = ((3, 3, 3),) * 5
   c.model.strides = ((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2), (2, 2, 1))
   c.model.n_conv_per_stage = (2,) * 5
@@ -41,15 +42,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.test_manifest = ""
   c.data.phantom = mri_phantoms.default_mri_phantom_config()
   c.data.preprocess = ml_collections.ConfigDict(dict(
-      axcodes=spatial.PIR, spacing=spatial.REFERENCE_SPACING, image_order=3,
+      axcodes=spatial.PIR, spacing=(1.5, 0.75, 1.65), image_order=3,
       max_intensity=spatial.SPINEPS_MAX_INTENSITY, max_voxels=spatial.DEFAULT_MAX_VOXELS))
   c.data.patch = patches.default_patch_config()
   c.data.patch.patch_size = (64, 128, 32)
   c.data.num_workers = 0             # grain worker processes for patch sampling
   c.data.prep_workers = 2            # processes preparing volumes at start-up
 
-  c.batch_size = 2
-  c.num_train_steps = 1500
+  c.batch_size = 1
+  c.num_train_steps = 1000
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", learning_rate=3e-3, weight_decay=3e-5, b1=0.9, b2=0.999, momentum=0.99, nesterov=True,
       warmup_steps=50, schedule="poly", end_learning_rate_factor=0.0, grad_clip_norm=12.0))
@@ -62,6 +63,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   if "nnunet" in variants:
     c.model = unet.default_unet_config()
+    c.data.preprocess.spacing = spatial.REFERENCE_SPACING
     c.model.strides = ((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 1))
     c.data.patch.patch_size = (128, 192, 64)
     c.data.phantom = mri_phantoms.whole_spine_config()

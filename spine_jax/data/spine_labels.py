@@ -27,13 +27,18 @@ class LabelError(ValueError):
   """A mask holds values that are not SPINEPS semantic ids."""
 
 
-def ids_to_indices(seg: np.ndarray, name: str = "mask") -> np.ndarray:
-  """SPINEPS ids -> channel indices (uint8); unknown ids are an error naming them and the mask."""
-  seg = np.asarray(seg)
-  values = np.unique(seg)
+def check_ids(seg: np.ndarray, name: str = "mask") -> None:
+  """Raise a LabelError naming the mask and its values that are not SPINEPS semantic ids."""
+  values = np.unique(np.asarray(seg))
   bad = [int(v) for v in values if v < 0 or v > 255 or _ID_TO_INDEX[int(v)] < 0]
   if bad:
     raise LabelError(f"{name}: labels {bad} are not SPINEPS semantic ids {sorted(SEMANTIC_IDS[1:])}")
+
+
+def ids_to_indices(seg: np.ndarray, name: str = "mask") -> np.ndarray:
+  """SPINEPS ids -> channel indices (uint8); unknown ids are an error naming them and the mask."""
+  seg = np.asarray(seg)
+  check_ids(seg, name)
   return _ID_TO_INDEX[seg.astype(np.int64)].astype(np.uint8)
 
 

@@ -50,6 +50,7 @@ def prepare_scan(image, affine, prep_cfg, *, semantic=None, instance=None, name=
   x = spatial.normalise_mri(x, max_value=prep_cfg.max_intensity, standardise=True).astype(np.float32)
   labels = inst = locations = None
   if semantic is not None:
+    spine_labels.check_ids(semantic, name)  # before resampling, which could drop a stray voxel
     seg = spatial.apply_model_space(semantic, space, is_mask=True)
     labels = spine_labels.ids_to_indices(seg, name=name)
     if max_locations_per_class:
@@ -59,11 +60,16 @@ def prepare_scan(image, affine, prep_cfg, *, semantic=None, instance=None, name=
   return Volume(name, x, labels, np.asarray(space.model_spacing, np.float32), space, inst, locations)
 
 
+def _max_locations(cfg) -> int:
+  """Voxels located per class for patch sampling; 0 for tasks without patches (the instance task)."""
+  return cfg.patch.max_per_class if "patch" in cfg else 0
+
+
 def _phantom_volume(args) -> Volume:
   cfg, split, index = args
   v = mri_phantoms.make_volume(cfg.phantom, split, index)
   return prepare_scan(v["image"], v["affine"], cfg.preprocess, semantic=v["semantic"], instance=v["instance"],
-                      name=f"phantom_{split}_{index:04d}", max_locations_per_class=cfg.patch.max_per_class, seed=index)
+                      name=f"phantom_{split}_{index:04d}", max_locations_per_class=_max_locations(cfg), seed=index)
 
 
 def _scan_volume(args) -> Volume:
@@ -76,7 +82,7 @@ def _scan_volume(args) -> Volume:
     instance, inst_affine, _ = nifti.load_mask(record.instance)
     nifti.check_same_grid(record.image, affine, image.shape, record.instance, inst_affine, instance.shape)
   return prepare_scan(image, affine, cfg.preprocess, semantic=semantic, instance=instance,
-                      name=str(record.image), max_locations_per_class=cfg.patch.max_per_class, seed=index)
+                      name=str(record.image), max_locations_per_class=_max_locations(cfg), seed=index)
 
 
 def load_split(data_cfg, split: str, num_workers: int = 2) -> list[Volume]:

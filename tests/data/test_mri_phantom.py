@@ -69,7 +69,9 @@ def test_default_config():
   assert tuple(cfg.spacing_mm) == (0.75, 0.75, 1.65) == mri.REFERENCE_SPACING_MM
   assert tuple(cfg.shape) == (0, 0, 32) and cfg.shape_multiple == 16
   assert tuple(cfg.num_vertebrae_range) == (6, 9)
-  assert cfg.top_level_choices[0] == 'C2' and cfg.top_level_choices[-1] == 'T10'
+  # Cervical to lumbar fields; lumbar studies (from T12 or L1, reaching the sacrum) weighted up.
+  assert cfg.top_level_choices[0] == 'C2'
+  assert sum(c in ('T12', 'L1') for c in cfg.top_level_choices) / len(cfg.top_level_choices) > 0.25
   assert (cfg.num_train_volumes, cfg.num_test_volumes, cfg.train_seed, cfg.test_seed) == (64, 8, 0, 1)
   assert tuple(cfg.cervical_lordosis_deg) == (20.0, 40.0) and tuple(cfg.thoracic_kyphosis_deg) == (20.0, 50.0)
   assert tuple(cfg.lumbar_lordosis_deg) == (40.0, 60.0)

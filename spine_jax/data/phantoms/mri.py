@@ -99,7 +99,11 @@ def default_mri_phantom_config() -> ml_collections.ConfigDict:
   # Complete vertebrae in the field (the sacrum counts as one), clamped at S1; the field's edges
   # cut into the vertebrae above and below, as real partial-spine scans do.
   cfg.num_vertebrae_range = (6, 9)
-  cfg.top_level_choices = tuple(f'C{i}' for i in range(2, 8)) + tuple(f'T{i}' for i in range(1, 11))
+  # Top level of the field, drawn uniformly from this list: cervical and thoracic fields, and lumbar
+  # studies (from T12 or L1 down to the sacrum, the commonest spine MRI) listed three times each, so
+  # about a third of the fields reach the sacrum.
+  cfg.top_level_choices = (tuple(f'C{i}' for i in range(2, 8)) + tuple(f'T{i}' for i in range(1, 13))
+                           + ('L1',) + ('T12', 'L1') * 2)
   cfg.t13_probability = 0.03  # a 13th thoracic vertebra (SPINEPS id 28)
   cfg.l6_probability = 0.03  # a 6th lumbar vertebra (SPINEPS id 25)
   cfg.size_scale_range = (0.94, 1.06)  # whole-patient size; SPEC ranges are kept by clipping
