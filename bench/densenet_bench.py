@@ -9,9 +9,9 @@ median of --repeats after a warm-up; JAX compile times separately. Needs the tor
 import argparse
 import json
 import os
-import statistics
 import time
 
+from _timing import median_time
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,14 +20,6 @@ import optax
 from spine_jax.models import multitask
 from spine_jax.training import losses
 
-
-def _median_time(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def bench_jax(batch, size, repeats):
@@ -59,14 +51,14 @@ def bench_jax(batch, size, repeats):
   t = time.perf_counter()
   jax.block_until_ready(train_step(variables["params"], variables["batch_stats"], opt_state, x, y))
   compile_train = time.perf_counter() - t
-  fwd = _median_time(lambda: forward(variables, x).block_until_ready(), repeats)
+  fwd = median_time(lambda: forward(variables, x).block_until_ready(), repeats)
   state = [variables["params"], variables["batch_stats"], opt_state]
 
   def one_step():
     p, b, o, loss = train_step(*state, x, y)
     state[:] = [p, b, o]
     loss.block_until_ready()
-  step = _median_time(one_step, repeats)
+  step = median_time(one_step, repeats)
   return {"forward_s": fwd, "train_step_s": step, "compile_forward_s": compile_fwd, "compile_train_step_s": compile_train}
 
 
@@ -81,7 +73,7 @@ def bench_torch(batch, size, repeats):
   model.eval()
   with torch.no_grad():
     model(x)
-    fwd = _median_time(lambda: model(x), repeats)
+    fwd = median_time(lambda: model(x), repeats)
   model.train()
 
   def one_step():
@@ -89,7 +81,7 @@ def bench_torch(batch, size, repeats):
     torch.nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
   one_step()
-  step = _median_time(one_step, repeats)
+  step = median_time(one_step, repeats)
   return {"forward_s": fwd, "train_step_s": step, "torch_threads": torch.get_num_threads()}
 
 

@@ -13,9 +13,9 @@ the same outputs (nnU-Net's Dice term adds little compute). Prints one JSON line
 import argparse
 import json
 import os
-import statistics
 import time
 
+from _timing import median_time
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,14 +24,6 @@ import optax
 from spine_jax.models import unet
 from spine_jax.training import losses
 
-
-def _median_time(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def _model_and_patch(config_arg):
@@ -77,14 +69,14 @@ def bench_jax(model_cfg, patch, batch, repeats):
   t = time.perf_counter()
   jax.block_until_ready(train_step(params, opt_state, x, y))
   compile_train = time.perf_counter() - t
-  fwd = _median_time(lambda: forward(params, x).block_until_ready(), repeats)
+  fwd = median_time(lambda: forward(params, x).block_until_ready(), repeats)
   state = [params, opt_state]
 
   def one_step():
     p, o, loss = train_step(*state, x, y)
     state[:] = [p, o]
     loss.block_until_ready()
-  step = _median_time(one_step, repeats)
+  step = median_time(one_step, repeats)
   return {"forward_s": fwd, "train_step_s": step, "compile_forward_s": compile_fwd,
           "compile_train_step_s": compile_train}
 
@@ -108,7 +100,7 @@ def bench_torch(model_cfg, patch, batch, repeats):
   net.eval()
   with torch.no_grad():
     net(x)
-    fwd = _median_time(lambda: net(x), repeats)
+    fwd = median_time(lambda: net(x), repeats)
   net.train()
 
   def one_step():
@@ -121,7 +113,7 @@ def bench_torch(model_cfg, patch, batch, repeats):
     loss.backward()
     opt.step()
   one_step()
-  step = _median_time(one_step, repeats)
+  step = median_time(one_step, repeats)
   return {"forward_s": fwd, "train_step_s": step, "torch_threads": torch.get_num_threads()}
 
 
