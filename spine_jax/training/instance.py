@@ -78,19 +78,21 @@ def vertebra_dice(pred: np.ndarray, ref: np.ndarray) -> dict[int, float]:
 
 def found_and_ordered(pred: np.ndarray, ref: np.ndarray, vertebrae, min_dice: float = 0.5) -> bool:
   """Every one of `vertebrae` (reference ids) is found (paired by overlap with Dice >= min_dice) and
-  all carry the same id offset pred - ref: numbered correctly up to the level of the field's top
-  vertebra, which only a labelling network (or the user's --first_vertebra) can give."""
+  numbered in order: predicted id minus the vertebra's top-to-bottom position in the reference is the
+  same for all of them. So the numbering is right up to the level of the field's top vertebra, which
+  only a labelling network (or the user's --first_vertebra) gives, and a T13 (id 28) counts by position."""
   table = instance_metrics.overlap_table(pred, ref, (1, cutouts.VERTEBRA_MAX_ID))
   scores = table.dice()
   pred_index = {int(v): i for i, v in enumerate(table.pred_ids)}
   ref_index = {int(v): j for j, v in enumerate(table.ref_ids)}
   pairs = {r: p for p, r in instance_metrics.match_by_overlap(table) if p is not None and r is not None}
+  position = {v: k for k, v in enumerate(cutouts.vertebra_order(ref))}
   offsets = set()
   for r in vertebrae:
     p = pairs.get(int(r))
     if p is None or scores[pred_index[p], ref_index[int(r)]] < min_dice:
       return False
-    offsets.add(p - int(r))
+    offsets.add(p - position[int(r)])
   return len(offsets) <= 1
 
 

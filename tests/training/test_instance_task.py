@@ -152,6 +152,11 @@ def test_found_and_ordered():
   missing = np.where(ref == 6, 0, shifted)
   assert not instance_task.found_and_ordered(missing, ref, [5, 6, 7])
   assert instance_task.found_and_ordered(missing, ref, [5, 7])  # only the ones asked about count
+  t13 = np.zeros((4, 12, 2), np.int16)
+  t13[:, 0:4], t13[:, 4:8], t13[:, 8:12] = 19, 28, 20  # T12, T13, L1: ids out of order, positions not
+  numbered = np.zeros_like(t13)
+  numbered[:, 0:4], numbered[:, 4:8], numbered[:, 8:12] = 19, 20, 21  # numbered by position
+  assert instance_task.found_and_ordered(numbered, t13, [19, 28, 20])
 
 
 def test_pipeline_batches():
