@@ -67,16 +67,8 @@ class Plan:
 
 
 def read_json(path: pathlib.Path) -> dict[str, Any]:
-  if not path.is_file():
-    raise ConversionError(f"{path}: no such file (an nnU-Net v2 model folder holds plans.json, dataset.json "
-                          f"and fold_k/checkpoint_final.pth)")
-  try:
-    data = json.loads(path.read_text(encoding="utf-8"))
-  except (OSError, ValueError) as e:
-    raise ConversionError(f"{path}: not readable JSON: {e}") from None
-  if not isinstance(data, dict):
-    raise ConversionError(f"{path}: expected a JSON object, found {type(data).__name__}")
-  return data
+  return torch_files.read_json(path, "an nnU-Net v2 model folder holds plans.json, dataset.json and "
+                                     "fold_k/checkpoint_final.pth")
 
 
 def _field(mapping: Mapping[str, Any], key: str, source, where: str):

@@ -81,12 +81,7 @@ def read_inference_config(folder, modeltype: str = "nnunet") -> dict[str, Any] |
   path = pathlib.Path(folder) / INFERENCE_CONFIG
   if not path.exists():
     return None
-  try:
-    config = json.loads(path.read_text(encoding="utf-8"))
-  except (OSError, ValueError) as e:
-    raise ConversionError(f"{path}: not readable JSON: {e}") from None
-  if not isinstance(config, dict):
-    raise ConversionError(f"{path}: expected a JSON object, found {type(config).__name__}")
+  config = torch_files.read_json(path)
   found = str(config.get("modeltype", "nnunet")).lower()
   if found != modeltype:
     if found == "unet":

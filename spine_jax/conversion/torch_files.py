@@ -9,6 +9,7 @@ torch is imported here only, and only when a file is read: the package never nee
 """
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 from typing import Any, Mapping
@@ -18,6 +19,21 @@ import numpy as np
 from spine_jax.conversion.errors import ConversionError
 
 TRUST_FLAG = "--trust_pickle"
+
+
+def read_json(path: pathlib.Path, missing_hint: str = "") -> dict[str, Any]:
+  """A model folder's JSON file (plans.json, dataset.json, inference_config.json) as a dict, or a
+  ConversionError naming the file: missing (with `missing_hint`), unreadable, or not an object."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConversionError(f"{path}: no such file{f' ({missing_hint})' if missing_hint else ''}")
+  try:
+    data = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e:
+    raise ConversionError(f"{path}: not readable JSON: {e}") from None
+  if not isinstance(data, dict):
+    raise ConversionError(f"{path}: expected a JSON object, found {type(data).__name__}")
+  return data
 
 
 def import_torch(path):
