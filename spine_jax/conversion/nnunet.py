@@ -41,10 +41,10 @@ import numpy as np
 from flax import traverse_util
 
 from spine_jax.conversion import layout
+from spine_jax.conversion import output as conversion_output
 from spine_jax.conversion import spineps
 from spine_jax.conversion import torch_files
 from spine_jax.conversion.errors import ConversionError
-from spine_jax.data import nifti
 from spine_jax.data import patches
 from spine_jax.data import spatial
 from spine_jax.data import spine_labels
@@ -439,39 +439,15 @@ def semantic_config(plan: Plan, axcodes: Sequence[str], step_size: float,
 def write_checkpoint(output, config: ml_collections.ConfigDict, variables: Mapping[str, Any], *,
                      overwrite: bool = False, extra_files: Mapping[str, str] | None = None) -> pathlib.Path:
   """An orbax checkpoint (step 0: state and config) at ``output``, complete or not at all."""
-  import orbax.checkpoint as ocp
-
-  from spine_jax.training import mesh as mesh_lib
-  from spine_jax.training import state as state_lib
-
   output = pathlib.Path(output).absolute()
   if output.exists() and not overwrite:
     raise ConversionError(f"{output}: exists; choose another --output or pass --overwrite")
   output.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
   try:
-    mesh = mesh_lib.make_mesh()
-    model = unet.build_unet(config.model)
-    tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
-    params = jax.device_put(variables["params"], mesh_lib.replicated(mesh))
-    state = state_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                        batch_stats=jax.device_put(variables.get("batch_stats", {}),
-                                                                   mesh_lib.replicated(mesh)))
-    state = state.replace(step=jax.device_put(jnp.asarray(0, jnp.int32), mesh_lib.replicated(mesh)))
-    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-    with ocp.CheckpointManager(tmp / "checkpoints", options=options, item_names=("state", "config")) as mngr:
-      mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                           config=ocp.args.JsonSave(config.to_dict())))
-      mngr.wait_until_finished()
-    for name, text in (extra_files or {}).items():
-      nifti.atomic_write_text(tmp / name, text)
-    if output.exists():
-      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
-      output.rename(old / output.name)
-      tmp.rename(output)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      tmp.rename(output)
+    conversion_output.write_step0_checkpoint(tmp, unet.build_unet(config.model), config, variables,
+                                             extra_files=extra_files)
+    conversion_output.replace_directory(tmp, output)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -35,9 +35,11 @@ import shutil
 import tempfile
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 from spine_jax.conversion import layout
+from spine_jax.conversion import output as conversion_output
 from spine_jax.conversion import torch_files
 from spine_jax.conversion.errors import ConversionError
 from spine_jax.data import spine_labels
@@ -312,34 +314,10 @@ def instance_params(arrays: Mapping[str, np.ndarray], model_cfg, path) -> dict[s
 
 
 def write_instance_checkpoint(output, config, params, *, extra_files: Mapping[str, str] | None = None):
-  """An orbax checkpoint (step 0: state with the config's optimizer at zero, and config) written
-  in the layout the trainer writes, into ``output`` (which must not exist yet)."""
-  import jax
-  import jax.numpy as jnp
-  import orbax.checkpoint as ocp
-
-  from spine_jax.data import nifti
+  """The instance model's step-0 checkpoint in the trainer's layout, into ``output`` (not yet existing)."""
   from spine_jax.models import instance_unet
-  from spine_jax.training import mesh as mesh_lib
-  from spine_jax.training import state as state_lib
-
-  output = pathlib.Path(output)
-  mesh = mesh_lib.make_mesh()
-  model = instance_unet.build_instance_unet(config.model)
-  tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
-  replicated = mesh_lib.replicated(mesh)
-  state = state_lib.TrainState.create(apply_fn=model.apply, params=jax.device_put(params, replicated), tx=tx,
-                                      batch_stats={})
-  state = state.replace(step=jax.device_put(jnp.asarray(0, jnp.int32), replicated))
-  options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-  with ocp.CheckpointManager(output.absolute() / "checkpoints", options=options,
-                             item_names=("state", "config")) as mngr:
-    mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                         config=ocp.args.JsonSave(config.to_dict())))
-    mngr.wait_until_finished()
-  for name, text in (extra_files or {}).items():
-    nifti.atomic_write_text(output / name, text)
-  return output
+  return conversion_output.write_step0_checkpoint(output, instance_unet.build_instance_unet(config.model), config,
+                                                  {"params": params}, extra_files=extra_files)
 
 
 def prepare_instance(folder, *, trust_pickle: bool = False):
@@ -355,7 +333,7 @@ def prepare_instance(folder, *, trust_pickle: bool = False):
   params = instance_params(arrays, cfg.model, checkpoint)
   summary = {**provenance, "dim": arch["dim"], "dim_mults": list(arch["dim_mults"]),
              "spacing": list(cfg.data.preprocess.spacing), "cutout_size": list(cfg.data.cutout.cutout_size),
-             "num_parameters": int(sum(np.size(v) for v in _leaves(params)))}
+             "num_parameters": int(sum(np.size(v) for v in jax.tree.leaves(params)))}
   return cfg, params, summary
 
 
@@ -363,24 +341,10 @@ _READ_FIELDS = ("modeltype", "model_expected_orientation", "resolution_range", "
                 "corpus_size_cleaning", "vert_size_threshold", "mapping")
 
 
-def _leaves(tree):
-  if isinstance(tree, Mapping):
-    for v in tree.values():
-      yield from _leaves(v)
-  else:
-    yield tree
-
-
 def _publish(tmp: pathlib.Path, output: pathlib.Path, overwrite: bool) -> None:
-  if output.exists():
-    if not overwrite:
-      raise ConversionError(f"{output}: exists; choose another --output or pass --overwrite")
-    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
-    output.rename(old / output.name)
-    tmp.rename(output)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    tmp.rename(output)
+  if output.exists() and not overwrite:
+    raise ConversionError(f"{output}: exists; choose another --output or pass --overwrite")
+  conversion_output.replace_directory(tmp, output)
 
 
 def convert_instance_folder(folder, output, *, trust_pickle: bool = False, overwrite: bool = False) -> dict[str, Any]:
