@@ -48,6 +48,17 @@ def dice(pred_mask: np.ndarray, ref_mask: np.ndarray) -> float:
   return 2.0 * int(np.count_nonzero(pred_mask & ref_mask)) / total
 
 
+def finite_mean(values) -> float | None:
+  """Mean of the finite values (None and NaN, e.g. structures absent from both masks, are skipped);
+  None when there are none: what a report averages over volumes or structures."""
+  vals = [v for v in values if v is not None and np.isfinite(v)]
+  return float(np.mean(vals)) if vals else None
+
+
+def format_score(v) -> str:
+  return "n/a" if v is None else f"{v:.3f}"
+
+
 def dice_per_label(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
   """{label: Dice of pred == label vs ref == label}; NaN for a label in neither mask."""
   pred, ref = _same_shape(pred, ref)

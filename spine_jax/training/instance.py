@@ -21,6 +21,7 @@ from spine_jax.data import volumes as volumes_lib
 from spine_jax.inference import instance as instance_inference
 from spine_jax.metrics import instances as instance_metrics
 from spine_jax.metrics import segmentation as seg_metrics
+from spine_jax.metrics.segmentation import finite_mean, format_score
 from spine_jax.models import instance_unet
 from spine_jax.training import mesh as mesh_lib
 from spine_jax.training import steps
@@ -145,25 +146,25 @@ class InstanceTask:
       volumes.append({"name": record["name"], "vertebra_dice": {str(k): v for k, v in scores.items()},
                       "with_body": with_body, "all_found_and_ordered": found_and_ordered(pred, reference, with_body),
                       "messages": messages})
-    cutout_dice = {p: _mean(v) for p, v in per_cutout.items()}
+    cutout_dice = {p: finite_mean(v) for p, v in per_cutout.items()}
     with_body = [v["vertebra_dice"][str(k)] for v in volumes for k in v["with_body"]]
     every = [d for v in volumes for d in v["vertebra_dice"].values()]
-    return {"num_volumes": len(volumes), "num_vertebrae": len(with_body), "mean_vertebra_dice": _mean(with_body),
-            "mean_vertebra_dice_all": _mean(every), "num_vertebrae_all": len(every),
+    return {"num_volumes": len(volumes), "num_vertebrae": len(with_body), "mean_vertebra_dice": finite_mean(with_body),
+            "mean_vertebra_dice_all": finite_mean(every), "num_vertebrae_all": len(every),
             "num_cutouts": len(per_cutout["centre"]), "cutout_dice": cutout_dice,
-            "mean_cutout_dice": _mean(list(cutout_dice.values())),
-            "fraction_volumes_all_found_and_ordered": _mean([float(v["all_found_and_ordered"]) for v in volumes]),
+            "mean_cutout_dice": finite_mean(list(cutout_dice.values())),
+            "fraction_volumes_all_found_and_ordered": finite_mean([float(v["all_found_and_ordered"]) for v in volumes]),
             "volumes": volumes}
 
   @staticmethod
   def format_report(report: dict) -> str:
     lines = [f"held-out: {report['num_volumes']} volumes; phase 2 on the reference semantic masks: mean "
-             f"vertebra Dice {_fmt(report['mean_vertebra_dice'])} over {report['num_vertebrae']} vertebrae with a "
-             f"body in the field ({_fmt(report['mean_vertebra_dice_all'])} over all {report['num_vertebrae_all']}); "
+             f"vertebra Dice {format_score(report['mean_vertebra_dice'])} over {report['num_vertebrae']} vertebrae with a "
+             f"body in the field ({format_score(report['mean_vertebra_dice_all'])} over all {report['num_vertebrae_all']}); "
              f"volumes with every such vertebra found and numbered in order: "
-             f"{_fmt(report['fraction_volumes_all_found_and_ordered'])}",
+             f"{format_score(report['fraction_volumes_all_found_and_ordered'])}",
              f"network alone, {report['num_cutouts']} cutouts at the body centroids: Dice " +
-             ", ".join(f"{p} {_fmt(d)}" for p, d in report["cutout_dice"].items())]
+             ", ".join(f"{p} {format_score(d)}" for p, d in report["cutout_dice"].items())]
     return "\n".join(lines)
 
   @staticmethod
@@ -188,12 +189,3 @@ def _cutout_dice(record: dict, predict, cfg) -> dict[str, list[float]]:
       for c, position in enumerate(POSITIONS, start=1):
         scores[position].append(seg_metrics.dice(pred[k] == c, target == c))
   return scores
-
-
-def _mean(values):
-  vals = [v for v in values if v is not None and np.isfinite(v)]
-  return float(np.mean(vals)) if vals else None
-
-
-def _fmt(v):
-  return "n/a" if v is None else f"{v:.3f}"

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import pathlib
 
-import numpy as np
-
 from spine_jax.data import patches
 from spine_jax.data import pipelines
 from spine_jax.data import spine_labels
 from spine_jax.data import volumes as volumes_lib
 from spine_jax.inference import semantic as semantic_inference
 from spine_jax.metrics import segmentation as seg_metrics
+from spine_jax.metrics.segmentation import finite_mean, format_score
 from spine_jax.models import unet
 from spine_jax.training import steps
 
@@ -49,17 +48,17 @@ class SemanticTask:
       report = seg_metrics.segmentation_report(pred, ref, vol.spacing, dict(spine_labels.STRUCTURE_NAMES))
       per_volume.append({"name": vol.name, **report})
     names = [spine_labels.structure_name(i) for i in STRUCTURES]
-    dice = {n: _mean([v["labels"][n]["dice"] for v in per_volume]) for n in names}
-    assd = {n: _mean([v["labels"][n]["assd_mm"] for v in per_volume]) for n in names}
-    return {"num_volumes": len(per_volume), "mean_dice": _mean(list(dice.values())), "dice": dice,
+    dice = {n: finite_mean([v["labels"][n]["dice"] for v in per_volume]) for n in names}
+    assd = {n: finite_mean([v["labels"][n]["assd_mm"] for v in per_volume]) for n in names}
+    return {"num_volumes": len(per_volume), "mean_dice": finite_mean(list(dice.values())), "dice": dice,
             "assd_mm": assd, "volumes": per_volume}
 
   @staticmethod
   def format_report(report: dict) -> str:
     lines = [f"held-out: {report['num_volumes']} volumes; mean Dice over {len(report['dice'])} structures "
-             f"{_fmt(report['mean_dice'])}", f"{'structure':26s} {'Dice':>6s} {'ASSD mm':>8s}"]
+             f"{format_score(report['mean_dice'])}", f"{'structure':26s} {'Dice':>6s} {'ASSD mm':>8s}"]
     for name, d in report["dice"].items():
-      lines.append(f"{name:26s} {_fmt(d):>6s} {_fmt(report['assd_mm'][name]):>8s}")
+      lines.append(f"{name:26s} {format_score(d):>6s} {format_score(report['assd_mm'][name]):>8s}")
     return "\n".join(lines)
 
   @staticmethod
@@ -79,12 +78,3 @@ class _ListSource:
 
   def __getitem__(self, i):
     return self._items[i]
-
-
-def _mean(values):
-  vals = [v for v in values if v is not None and np.isfinite(v)]
-  return float(np.mean(vals)) if vals else None
-
-
-def _fmt(v):
-  return "n/a" if v is None else f"{v:.3f}"
