@@ -40,6 +40,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.manifest = ""               # CSV / JSON lines: image, semantic, instance[, split]
   c.data.test_manifest = ""
   c.data.phantom = mri_phantoms.default_mri_phantom_config()
+  c.data.phantom.num_test_volumes = 24  # "every vertebra found" is a per-volume rate: 8 is too coarse
   c.data.preprocess = ml_collections.ConfigDict(dict(
       axcodes=spatial.PIR, spacing=(2.25, 2.25, 3.3), image_order=3,  # mm (P, I, R); reference 0.75, 0.75, 1.65
       max_intensity=spatial.SPINEPS_MAX_INTENSITY, max_voxels=spatial.DEFAULT_MAX_VOXELS))

@@ -79,6 +79,7 @@ def default_instance_config() -> ml_collections.ConfigDict:
   cfg.merged_ratio = 1.5  # a body this much larger than its neighbours' mean is two
   cfg.merged_window = 5  # neighbours: positions within this many in the body/disc sequence
   cfg.max_split_erosions = 10
+  cfg.edge_bodies = True  # body slivers cut by the field's edge, gone after erosion, still get a centre
   # Consolidation.
   cfg.couple_dice = 0.3
   cfg.neighbour_range = 2  # cutouts within this many centre indices can form a couple
@@ -195,6 +196,38 @@ def _body_components(semantic, spacing, erosion: int, min_voxels: int) -> tuple[
   return lut[components], int(keep.sum())
 
 
+def _edge_slivers(semantic, components, count, erosion: int, min_voxels: int) -> tuple[np.ndarray, int]:
+  """Adds the body pieces that touch the field's top or bottom and vanished in the erosion as components.
+
+  A vertebra cut by the field of view can leave a body only a voxel or two thick, which the erosion
+  (there to part bodies touching across thin discs) removes; it is still a vertebra to find, and
+  training centres cutouts on such slivers too. The pieces are what the body loses in an opening
+  (erosion, then the kept components grown back), so a sliver stays apart from the whole body next
+  to it; pieces that touch a kept body are its rim and stay out."""
+  body = semantic == BODY
+  kept = components > 0
+  if erosion > 0 and count:
+    kept = ndimage.binary_dilation(kept, _EDGES, iterations=int(erosion)) & body
+  pieces, n = ndimage.label(body & ~kept, _CUBE)
+  if n == 0:
+    return components, count
+  edge = np.zeros(body.shape, bool)  # the field's top and bottom, where it cuts the spine
+  edge[:, 0] = edge[:, -1] = True
+  sizes = np.bincount(pieces.ravel(), minlength=n + 1)
+  keep = np.zeros(n + 1, bool)
+  keep[np.unique(pieces[edge])] = True
+  keep &= sizes >= min_voxels
+  # A piece against a kept body is that body's rim, not a vertebra of its own.
+  keep[np.unique(pieces[ndimage.binary_dilation(kept, _CUBE)])] = False
+  keep[0] = False
+  if not keep.any():
+    return components, count
+  lut = np.zeros(n + 1, np.int32)
+  lut[keep] = np.arange(count + 1, count + 1 + int(keep.sum()))
+  components = np.where(components > 0, components, lut[pieces])
+  return components, count + int(keep.sum())
+
+
 def _merge_duplicates(components: np.ndarray, count: int, distance: float, messages: list) -> tuple[np.ndarray, int]:
   """Body pieces whose centres lie closer than `distance` voxels along I are one body (chained)."""
   if count < 2:
@@ -308,7 +341,7 @@ def _inside(component: np.ndarray, centre: np.ndarray) -> np.ndarray:
 def vertebral_body_centres(semantic: np.ndarray, spacing=REFERENCE_SPACING, *, erosion: int = 2,
                            min_voxels: int = 100, detect_merged: bool = True, duplicate_distance: float = 10,
                            merged_ratio: float = 1.5, merged_window: int = 5,
-                           max_split_erosions: int = 10) -> tuple[np.ndarray, list[str]]:
+                           max_split_erosions: int = 10, edge_bodies: bool = True) -> tuple[np.ndarray, list[str]]:
   """(centres (n, 3) int voxel indices ordered bottom to top, messages) of the vertebral bodies.
 
   Bodies are the 26-connected components of label 49 after an `erosion`-voxel erosion (which
@@ -318,7 +351,9 @@ def vertebral_body_centres(semantic: np.ndarray, spacing=REFERENCE_SPACING, *, e
   follow each other, the largest body within `merged_window` positions that is more than
   `merged_ratio` times the mean of at least three others is split (`split_fused_body`). Each
   centre is the component's centre of mass, moved to the nearest voxel of the component when it
-  falls outside. Sizes and distances are at the reference spacing and scaled to `spacing`.
+  falls outside. With `edge_bodies`, body slivers at the field's edge that the erosion removed and
+  that are at least `min_voxels` large are bodies too (`_edge_slivers`). Sizes and distances are at
+  the reference spacing and scaled to `spacing`.
   """
   semantic = _check_mask(semantic, 'semantic mask')
   messages: list[str] = []
@@ -327,6 +362,8 @@ def vertebral_body_centres(semantic: np.ndarray, spacing=REFERENCE_SPACING, *, e
     _note(messages, 'no vertebral body (label 49) in the semantic mask: no vertebra instances can be made')
     return empty, messages
   components, count = _body_components(semantic, spacing, erosion, min_voxels)
+  if edge_bodies:
+    components, count = _edge_slivers(semantic, components, count, erosion, scaled_voxel_count(min_voxels, spacing))
   if count == 0:
     _note(messages, f'no vertebral body survives a {erosion}-voxel erosion with at least '
                     f'{scaled_voxel_count(min_voxels, spacing)} voxels: no vertebra instances can be made')
@@ -935,7 +972,7 @@ def segment_instances(semantic: np.ndarray, predict_fn: Callable, cfg: ml_collec
       semantic, spacing, erosion=int(cfg.body_erosion), min_voxels=cfg.min_body_voxels,
       detect_merged=bool(cfg.detect_merged_bodies), duplicate_distance=cfg.duplicate_distance,
       merged_ratio=cfg.merged_ratio, merged_window=int(cfg.merged_window),
-      max_split_erosions=int(cfg.max_split_erosions))
+      max_split_erosions=int(cfg.max_split_erosions), edge_bodies=bool(cfg.get('edge_bodies', True)))
   instances = np.zeros(semantic.shape, np.int32)
   if len(centres):
     predictions = predict_cutouts(predict_fn, semantic, centres, tuple(cfg.cutout_size), int(cfg.batch_size))

@@ -130,6 +130,35 @@ def test_body_broken_in_two_pieces_at_one_height_is_one_centre():
   assert any('taken as one body' in m for m in messages)
 
 
+def test_body_sliver_cut_by_the_field_edge_gets_a_centre_but_a_body_rim_does_not():
+  sem, ref = stacked_spine(3)
+  top = MARGIN + BODY_ROWS - 3  # the field starts 2 body rows above vertebra 20's lower endplate
+  sem, ref = sem[:, top:], ref[:, top:]
+  assert np.count_nonzero(sem[:, :2] == 49) == 128  # 2 rows of 8 x 8 at the top edge
+  plain, _ = instance.vertebral_body_centres(sem, edge_bodies=False, **SMALL)
+  assert body_ids(ref, plain) == [22, 21]  # the erosion removed the sliver
+  centres, messages = instance.vertebral_body_centres(sem, **SMALL)
+  assert body_ids(ref, centres) == [22, 21, 20]
+  assert centres[-1][1] < 2 and messages == []
+  # Too small to count: one row of 4 x 4.
+  tiny = sem.copy()
+  tiny[:, :2][tiny[:, :2] == 49] = 0
+  tiny[14:18, 0, 4:8] = 49
+  assert body_ids(ref, instance.vertebral_body_centres(tiny, **SMALL)[0]) == [22, 21]
+  # A whole body that touches the edge: what the erosion takes off its rim is not a second body.
+  whole, ref_whole = stacked_spine(3)
+  whole, ref_whole = whole[:, MARGIN:], ref_whole[:, MARGIN:]
+  assert body_ids(ref_whole, instance.vertebral_body_centres(whole, **SMALL)[0]) == [22, 21, 20]
+
+
+def test_phase_two_finds_the_vertebra_cut_by_the_field_edge():
+  sem, ref = stacked_spine(3)
+  sem, ref = sem[:, MARGIN + BODY_ROWS - 3:], ref[:, MARGIN + BODY_ROWS - 3:]
+  out, _ = run_phase(sem, ref)
+  assert sorted(int(v) for v in np.unique(out) if 0 < v < 100) == [1, 2, 3]
+  assert np.array_equal(out[ref == 20], np.full(np.count_nonzero(ref == 20), 1, out.dtype))
+
+
 def test_split_fused_body_parts():
   mask = np.zeros((10, 30, 10), bool)
   mask[1:9, 2:12, 1:9] = True
