@@ -3,6 +3,7 @@
   python bench/unet_bench.py                       # SPEC's peer row: 6 stages 32..320, 1x1x128x128x32
   python bench/unet_bench.py --config=configs/semantic.py    # the network and patch of a config
   python bench/unet_bench.py --config=configs/semantic.py:nnunet --batch=2 --no_torch
+  python bench/unet_bench.py --config=configs/semantic.py --features=16,16,32,64,128 --no_torch
 
 Times, in one run: eval forward and one SGD (Nesterov 0.99) training step with Dice + CE over the
 deep-supervision outputs, each the median of --repeats after a warm-up; JAX compile times apart.
@@ -123,8 +124,17 @@ def main():
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--no_torch", action="store_true", help="time spine_jax only")
+  ap.add_argument("--features", default="", help="features per stage, e.g. 16,16,32,64,128 (default: the config's)")
+  ap.add_argument("--patch", default="", help="patch sides P,I,R (default: the config's)")
   a = ap.parse_args()
   model_cfg, patch = _model_and_patch(a.config)
+  if a.features:
+    features = tuple(int(v) for v in a.features.split(","))
+    if len(features) != model_cfg.n_stages:
+      raise SystemExit(f"--features: {len(features)} values for {model_cfg.n_stages} stages")
+    model_cfg.features_per_stage = features
+  if a.patch:
+    patch = tuple(int(v) for v in a.patch.split(","))
   ours = bench_jax(model_cfg, patch, a.batch, a.repeats)
   result = {"machine": f"{os.cpu_count()} CPUs, {jax.devices()[0].platform}", "config": a.config or "spec-peer",
             "features": list(model_cfg.features_per_stage), "strides": [list(s) for s in model_cfg.strides],

@@ -14,6 +14,7 @@ Variants (after the colon, combined with commas):
 """
 import ml_collections
 
+from spine_jax.config_variants import parse_variants
 from spine_jax.data import instance_cutouts
 from spine_jax.data import spatial
 from spine_jax.data.phantoms import mri as mri_phantoms
@@ -22,10 +23,7 @@ from spine_jax.models import instance_unet
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  variants = {v for v in arg.split(",") if v}
-  unknown = variants - {"spineps", "bf16", "smoke"}
-  if unknown:
-    raise ValueError(f"configs/instance.py: unknown variant(s) {sorted(unknown)}")
+  variants = parse_variants(arg, ("spineps", "bf16", "smoke"), "configs/instance.py")
 
   c = ml_collections.ConfigDict()
   c.task = "instance"

@@ -13,16 +13,14 @@ Variants combine with commas, e.g. 'baseline,smoke'.
 """
 import ml_collections
 
+from spine_jax.config_variants import parse_variants
 from spine_jax.data.phantoms import ct as ct_phantoms
 from spine_jax.models import multitask
 from spine_jax.training import self_paced
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  variants = {v for v in arg.split(",") if v}
-  unknown = variants - {"baseline", "soft", "paper", "smoke", "posterolateral"}
-  if unknown:
-    raise ValueError(f"configs/mtl.py: unknown variant(s) {sorted(unknown)}")
+  variants = parse_variants(arg, ("baseline", "soft", "paper", "smoke", "posterolateral"), "configs/mtl.py")
 
   c = ml_collections.ConfigDict()
   c.task = "mtl"

@@ -29,6 +29,11 @@ def default_patch_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       patch_size=(96, 128, 32),
       foreground_fraction=0.33,  # nnU-Net's oversample_foreground_percent
+      # Class of a foreground patch: 'volume' uniform over the volume's classes (nnU-Net);
+      # 'dataset' weights each class by 1 / (training volumes holding it), so in the volumes that
+      # have a class found in few (the sacrum in partial-spine fields) it is centred on more often.
+      class_sampling="volume",
+      class_weight_power=1.0,  # 'dataset': weights 1 / (volumes holding the class) ** power
       max_per_class=DEFAULT_MAX_PER_CLASS,  # voxels kept per class when locating classes
       augment=default_augment_config(),
   ))
@@ -98,11 +103,12 @@ def centre_bounds(shape, patch_size) -> tuple[np.ndarray, np.ndarray]:
 
 
 def choose_patch_centre(labels: np.ndarray, patch_size, rng: np.random.Generator, foreground: bool,
-                        class_locations: dict | None = None) -> np.ndarray:
+                        class_locations: dict | None = None, class_weights: dict | None = None) -> np.ndarray:
   """nnU-Net's sampling: a foreground patch centres on a random voxel of a random class present
-  (uniform over classes, so small structures are seen as often as large ones), shifted only as far
-  as needed to keep the patch inside the volume; otherwise the patch is uniformly placed. A
-  volume without foreground gives a uniform patch. Returns (3,) int64."""
+  (uniform over classes, so small structures are seen as often as large ones; or in proportion to
+  `class_weights` {class: weight}, see `dataset_class_weights`), shifted only as far as needed to
+  keep the patch inside the volume; otherwise the patch is uniformly placed. A volume without
+  foreground gives a uniform patch. Returns (3,) int64."""
   lo, hi = centre_bounds(np.shape(labels), patch_size)
   if foreground:
     locs = class_locations
@@ -110,7 +116,12 @@ def choose_patch_centre(labels: np.ndarray, patch_size, rng: np.random.Generator
       locs = _class_locations(labels, DEFAULT_MAX_PER_CLASS, rng)
     present = [c for c in sorted(locs) if c > 0 and len(locs[c])]
     if present:
-      voxels = locs[present[rng.integers(len(present))]]
+      if class_weights:
+        w = np.array([float(class_weights.get(c, 0.0)) for c in present])
+        pick = rng.choice(len(present), p=w / w.sum()) if w.sum() > 0 else rng.integers(len(present))
+      else:
+        pick = rng.integers(len(present))
+      voxels = locs[present[pick]]
       voxel = voxels[rng.integers(len(voxels))]
       return np.clip(np.asarray(voxel, np.int64), lo, hi)
   return rng.integers(lo, hi + 1).astype(np.int64)
@@ -315,24 +326,47 @@ def extract_patch(image: np.ndarray, labels: np.ndarray, centre, patch_size, spa
   return np.ascontiguousarray(img, np.float32), np.ascontiguousarray(lab, np.int32)
 
 
-def sample_training_patch(volume: dict, rng: np.random.Generator, cfg, lr_swap: np.ndarray | None = None) -> dict:
+def dataset_class_weights(records, power: float = 1.0) -> dict[int, float]:
+  """{class: 1 / (number of records whose `class_locations` hold it) ** power}. Drawn with these
+  weights within a volume, a class found in few volumes gets more of those volumes' foreground
+  patches (a class in a quarter of the volumes, beside one in all, power 1: 1/5 of all foreground
+  patches instead of 1/8)."""
+  counts: dict[int, int] = {}
+  for record in records:
+    for c, locs in record["class_locations"].items():
+      if c > 0 and len(locs):
+        counts[c] = counts.get(c, 0) + 1
+  return {c: float(n) ** -float(power) for c, n in counts.items()}
+
+
+def sample_training_patch(volume: dict, rng: np.random.Generator, cfg, lr_swap: np.ndarray | None = None,
+                          class_weights: dict | None = None) -> dict:
   """One training element from a volume record {image, labels, spacing?, class_locations?}:
-  foreground with probability cfg.foreground_fraction, then centre, extraction, augmentation.
+  foreground with probability cfg.foreground_fraction, then centre (class drawn with
+  `class_weights` if given), extraction, augmentation.
   Returns {image: (px, py, pz, 1) float32, labels: (px, py, pz) int32}."""
   labels = volume["labels"]
   foreground = rng.random() < cfg.foreground_fraction
   locs = volume.get("class_locations")
   if foreground and locs is None:
     locs = class_locations(labels, cfg.get("max_per_class", DEFAULT_MAX_PER_CLASS), rng)
-  centre = choose_patch_centre(labels, cfg.patch_size, rng, foreground, locs)
+  centre = choose_patch_centre(labels, cfg.patch_size, rng, foreground, locs, class_weights)
   spacing = volume.get("spacing")
   spacing = REFERENCE_SPACING if spacing is None else spacing
   image, labels = extract_patch(volume["image"], labels, centre, cfg.patch_size, spacing, rng, cfg.augment, lr_swap)
   return {"image": image[..., None], "labels": labels}
 
 
-def patch_transform(cfg, lr_swap: np.ndarray | None = None):
-  """`sample_training_patch` as a grain random_map function: fn(volume, rng) -> element."""
+def patch_transform(cfg, lr_swap: np.ndarray | None = None, records=None):
+  """`sample_training_patch` as a grain random_map function: fn(volume, rng) -> element. With
+  cfg.class_sampling 'dataset', the class weights come from `records` (the training volumes)."""
+  mode = cfg.get("class_sampling", "volume")
+  if mode not in ("volume", "dataset"):
+    raise ValueError(f"patch.class_sampling must be 'volume' or 'dataset', got {mode!r}")
+  if mode == "dataset" and records is None:
+    raise ValueError("patch.class_sampling='dataset' needs the training records to count classes")
+  weights = dataset_class_weights(records, cfg.get("class_weight_power", 1.0)) if mode == "dataset" else None
+
   def fn(volume, rng):
-    return sample_training_patch(volume, rng, cfg, lr_swap)
+    return sample_training_patch(volume, rng, cfg, lr_swap, weights)
   return fn

@@ -89,30 +89,41 @@ def multitask_losses(outputs, batch, smoothing, task_weights):
   return total, per_task
 
 
-def soft_dice_loss(logits, labels, *, batch_dice=True, include_background=False, smooth=1e-5):
+def soft_dice_loss(logits, labels, *, batch_dice=True, include_background=False, smooth=1e-5,
+                   present_only=False):
   """nnU-Net's soft Dice loss: −mean over classes of (2·Σpy + s) / (Σp + Σy + s).
 
   Args:
     logits: (B, X, Y, Z, K) scores. labels: (B, X, Y, Z) int class indices.
     batch_dice: sums over the batch as well as space (nnU-Net's batch_dice), so a class absent
       from one patch does not get a Dice of 0 for that patch.
+    present_only: average over the classes the labels hold (per sample without batch_dice). With
+      nnU-Net's plain mean, a class absent from a patch scores 1 only when its probability sums to
+      about `smooth` over the whole patch, which rewards suppressing everywhere a class that few
+      patches hold. Cross-entropy still penalises false positives of absent classes.
   """
   logits = jnp.asarray(logits, jnp.float32)
   onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
-  return _soft_dice(jax.nn.softmax(logits, axis=-1), onehot, batch_dice, include_background, smooth)
+  return _soft_dice(jax.nn.softmax(logits, axis=-1), onehot, batch_dice, include_background, smooth, present_only)
 
 
-def _soft_dice(probs, onehot, batch_dice, include_background, smooth):
+def _soft_dice(probs, onehot, batch_dice, include_background, smooth, present_only=False):
   if not include_background:
     probs, onehot = probs[..., 1:], onehot[..., 1:]
   axes = tuple(range(probs.ndim - 1)) if batch_dice else tuple(range(1, probs.ndim - 1))
   intersect = jnp.sum(probs * onehot, axis=axes)
-  denom = jnp.sum(probs, axis=axes) + jnp.sum(onehot, axis=axes)
-  return -jnp.mean((2.0 * intersect + smooth) / jnp.maximum(denom + smooth, 1e-8))
+  volume = jnp.sum(onehot, axis=axes)
+  dice = (2.0 * intersect + smooth) / jnp.maximum(jnp.sum(probs, axis=axes) + volume + smooth, 1e-8)
+  if not present_only:
+    return -jnp.mean(dice)
+  present = (volume > 0).astype(dice.dtype)
+  return -jnp.sum(dice * present) / jnp.maximum(jnp.sum(present), 1.0)
 
 
-def dice_ce_loss(logits, labels, *, dice_weight=1.0, ce_weight=1.0, batch_dice=True, smooth=1e-5):
-  """nnU-Net's DC_and_CE_loss: voxel-mean cross-entropy plus soft Dice (background excluded).
+def dice_ce_loss(logits, labels, *, dice_weight=1.0, ce_weight=1.0, batch_dice=True, smooth=1e-5,
+                 present_only=False):
+  """nnU-Net's DC_and_CE_loss: voxel-mean cross-entropy plus soft Dice (background excluded;
+  `present_only` as in `soft_dice_loss`).
 
   Cross-entropy is taken against the one-hot targets the Dice needs anyway, which avoids the
   gather (and its scatter-add gradient) of integer-label cross-entropy.
@@ -121,7 +132,7 @@ def dice_ce_loss(logits, labels, *, dice_weight=1.0, ce_weight=1.0, batch_dice=T
   onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   ce = -jnp.mean(jnp.sum(onehot * log_probs, axis=-1))
-  dice = _soft_dice(jnp.exp(log_probs), onehot, batch_dice, False, smooth)
+  dice = _soft_dice(jnp.exp(log_probs), onehot, batch_dice, False, smooth, present_only)
   return ce_weight * ce + dice_weight * dice
 
 

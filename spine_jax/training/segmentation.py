@@ -30,7 +30,7 @@ class SemanticTask:
   def train_iterator(self, process_index=None, process_count=None):
     cfg = self.config
     vols = [v.as_record() for v in volumes_lib.load_split(cfg.data, "train", cfg.data.prep_workers)]
-    transform = patches.patch_transform(cfg.data.patch, spine_labels.left_right_swap())
+    transform = patches.patch_transform(cfg.data.patch, spine_labels.left_right_swap(), vols)
     return pipelines.train_iterator(_ListSource(vols), global_batch=cfg.batch_size, seed=cfg.seed,
                                     transform=transform, num_workers=cfg.data.num_workers,
                                     process_index=process_index, process_count=process_count)

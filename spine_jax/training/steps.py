@@ -70,7 +70,9 @@ def segmentation_train_step(state, batch, *, config):
 
   def loss_fn(params):
     outputs, updates = _apply_train(state, params, batch["image"], rng)
-    total, per_level = losses.deep_supervision_loss(outputs, batch["labels"], batch_dice=config.loss.batch_dice)
+    total, per_level = losses.deep_supervision_loss(
+        outputs, batch["labels"], batch_dice=config.loss.batch_dice,
+        present_only=bool(config.loss.get("present_only", False)))
     return total, (updates, outputs, per_level)
 
   (loss, (updates, outputs, per_level)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

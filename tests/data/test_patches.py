@@ -139,6 +139,32 @@ def test_tiny_class_is_sampled_as_often_as_the_large_ones():
   assert np.all(starts >= 0) and np.all(starts + size <= shape)
 
 
+def test_dataset_class_weights_balance_a_class_found_in_few_volumes():
+  # Class 2 is in 1 of 4 volumes. Uniform per volume it gets 1/2 of that volume's foreground
+  # patches (1/8 overall); weighted 1 : 1/4 against class 1 there, 4/5 of them (1/5 overall).
+  common = np.zeros((20, 20, 4), np.uint8)
+  common[:10] = 1
+  rare = common.copy()
+  rare[15:, 15:] = 2
+  records = [{"labels": lab, "class_locations": patches.class_locations(lab)} for lab in (common, common, common, rare)]
+  weights = patches.dataset_class_weights(records)
+  assert weights == {1: 0.25, 2: 1.0}
+  assert patches.dataset_class_weights(records, 2.0) == {1: 0.0625, 2: 1.0}
+  rng = np.random.default_rng(0)
+  for w, expected in ((None, 1 / 8), (weights, 1 / 5)):
+    picks = [patches.choose_patch_centre(r["labels"], (4, 4, 4), rng, True, r["class_locations"], w)
+             for r in records for _ in range(600)]
+    share = np.mean([records[i // 600]["labels"][tuple(c)] == 2 for i, c in enumerate(picks)])
+    assert abs(share - expected) < 0.04
+  cfg = patches.default_patch_config()
+  cfg.class_sampling = "dataset"
+  with pytest.raises(ValueError, match="needs the training records"):
+    patches.patch_transform(cfg)
+  cfg.class_sampling = "global"
+  with pytest.raises(ValueError, match="'volume' or 'dataset'"):
+    patches.patch_transform(cfg, records=records)
+
+
 def test_random_centres_are_uniform_and_fraction_zero_ignores_foreground():
   shape, size = np.array([60, 50, 20]), np.array([16, 20, 8])
   labels = np.zeros(shape, np.uint8)

@@ -110,6 +110,22 @@ def test_soft_dice_by_hand():
   np.testing.assert_allclose(float(losses.soft_dice_loss(logits, labels)), -0.5, atol=1e-5)
 
 
+def test_soft_dice_present_only_leaves_absent_classes_out():
+  # 3 classes; class 1 predicted perfectly, class 2 absent from the labels with p = 0.25 on 2 voxels.
+  labels = jnp.array([1, 0, 1, 0]).reshape(1, 4, 1, 1)
+  probs = np.array([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+  logits = jnp.asarray(np.log(probs + 1e-12).reshape(1, 4, 1, 1, 3))
+  # nnU-Net's mean: class 2 scores (0 + s) / (1 + s) ~ 0, so the loss is -(1 + 0) / 2.
+  np.testing.assert_allclose(float(losses.soft_dice_loss(logits, labels)), -0.5, atol=1e-4)
+  np.testing.assert_allclose(float(losses.soft_dice_loss(logits, labels, present_only=True)), -1.0, atol=1e-4)
+  # Per sample (no batch Dice): only (sample, class) pairs present count; an empty sample adds nothing.
+  two = jnp.concatenate([labels, jnp.zeros_like(labels)])
+  both = jnp.concatenate([logits, logits])
+  np.testing.assert_allclose(
+      float(losses.soft_dice_loss(both, two, batch_dice=False, present_only=True)), -1.0, atol=1e-4)
+  assert float(losses.dice_ce_loss(logits, labels, present_only=True)) < float(losses.dice_ce_loss(logits, labels))
+
+
 def test_deep_supervision_weights_follow_nnunet():
   np.testing.assert_allclose(losses.deep_supervision_weights(4), np.array([1, 0.5, 0.25, 0]) / 1.75)
   np.testing.assert_allclose(losses.deep_supervision_weights(1), [1.0])
