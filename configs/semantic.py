@@ -58,8 +58,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", learning_rate=1e-2, weight_decay=3e-5, b1=0.9, b2=0.999, momentum=0.99, nesterov=True,
       warmup_steps=50, schedule="poly", end_learning_rate_factor=0.0, grad_clip_norm=12.0))
-  # Dice over the classes a patch holds: with batch 1 and 1,000 steps, nnU-Net's mean over all
-  # classes drives the sacrum (in few patches) to zero everywhere (training/losses.py).
+  # Dice over the classes a patch holds: with batch 1, nnU-Net's mean over all classes rewards
+  # suppressing everywhere a class that few patches hold, as the sacrum (training/losses.py).
   c.loss = ml_collections.ConfigDict(dict(batch_dice=True, present_only=True))
   c.inference = ml_collections.ConfigDict(dict(step_size=0.5, batch_size=2, mirror_axes=()))
   c.log_every = 50
