@@ -87,10 +87,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if "smoke" in variants:
     c.model = instance_unet.tiny_instance_unet_config()
     c.data.preprocess.spacing = (3.0, 3.0, 3.3)
-    c.data.phantom.num_train_volumes = 2
-    c.data.phantom.num_test_volumes = 1
-    c.data.phantom.num_vertebrae_range = (3, 4)
-    c.data.phantom.shape = (96, 160, 32)
+    c.data.phantom = mri_phantoms.smoke_config()
     c.data.cutout.cutout_size = (24, 32, 16)
     c.data.prep_workers = 1
     c.inference.body_erosion = 0

@@ -87,10 +87,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if "smoke" in variants:
     c.model = unet.tiny_unet_config()
     c.data.patch.patch_size = (32, 64, 32)
-    c.data.phantom.num_train_volumes = 2
-    c.data.phantom.num_test_volumes = 1
-    c.data.phantom.num_vertebrae_range = (3, 4)
-    c.data.phantom.shape = (96, 160, 32)
+    c.data.phantom = mri_phantoms.smoke_config()
     c.data.prep_workers = 1
     c.batch_size = 4
     c.num_train_steps = 4

@@ -123,6 +123,17 @@ def default_mri_phantom_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+def smoke_config() -> ml_collections.ConfigDict:
+  """Two training volumes and one test volume of 3-4 vertebrae in 96 x 160 x 32 voxels: for tests
+  and launch checks (the configs' `smoke` variants)."""
+  cfg = default_mri_phantom_config()
+  cfg.num_train_volumes = 2
+  cfg.num_test_volumes = 1
+  cfg.num_vertebrae_range = (3, 4)
+  cfg.shape = (96, 160, 32)
+  return cfg
+
+
 def whole_spine_config() -> ml_collections.ConfigDict:
   """C1/C2 to the sacrum in one field (several stitched stations); large: about 160 x 960 x 32 voxels."""
   cfg = default_mri_phantom_config()
