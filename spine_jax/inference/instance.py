@@ -211,11 +211,9 @@ def _edge_slivers(semantic, components, count, erosion: int, min_voxels: int) ->
   pieces, n = ndimage.label(body & ~kept, _CUBE)
   if n == 0:
     return components, count
-  edge = np.zeros(body.shape, bool)  # the field's top and bottom, where it cuts the spine
-  edge[:, 0] = edge[:, -1] = True
   sizes = np.bincount(pieces.ravel(), minlength=n + 1)
   keep = np.zeros(n + 1, bool)
-  keep[np.unique(pieces[edge])] = True
+  keep[pieces[:, 0]] = keep[pieces[:, -1]] = True  # the field's top and bottom rows, where it cuts the spine
   keep &= sizes >= min_voxels
   # A piece against a kept body is that body's rim, not a vertebra of its own.
   keep[np.unique(pieces[ndimage.binary_dilation(kept, _CUBE)])] = False
