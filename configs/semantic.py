@@ -61,7 +61,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Dice over the classes a patch holds: with batch 1, nnU-Net's mean over all classes rewards
   # suppressing everywhere a class that few patches hold, as the sacrum (training/losses.py).
   c.loss = ml_collections.ConfigDict(dict(batch_dice=True, present_only=True))
-  c.inference = ml_collections.ConfigDict(dict(step_size=0.5, batch_size=2, mirror_axes=()))
+  # Test-time mirroring along the axes training mirrors (R, with left and right swapped back), as
+  # nnU-Net predicts by default: it doubles the sliding window's cost.
+  c.inference = ml_collections.ConfigDict(dict(step_size=0.5, batch_size=2, mirror_axes=(2,)))
   c.log_every = 50
   c.eval_every = 550                 # held-out Dice per structure during training (0: only at the end)
   c.checkpoint_every = 250
@@ -79,7 +81,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.patch.foreground_fraction = 0.33
     c.data.patch.class_sampling = "volume"
     c.optimizer.update(name="sgd", learning_rate=1e-2, weight_decay=3e-5, warmup_steps=0, schedule="poly")
-    c.inference.mirror_axes = (0, 1)  # not R: a flip there would swap left and right labels
     c.log_every = 250
     c.checkpoint_every = 5000
   if "bf16" in variants:

@@ -10,7 +10,7 @@ the host, so device compute overlaps with the host-side accumulation.
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -80,6 +80,18 @@ def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
   return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
 
 
+def _channel_swaps(swaps: Mapping[int, Sequence[int]] | None, num_classes: int) -> dict[int, np.ndarray]:
+  """{axis: channel permutation} checked: each a permutation of range(num_classes), on a spatial axis."""
+  out = {}
+  for axis, perm in (swaps or {}).items():
+    perm = np.asarray(perm, np.int64)
+    if int(axis) not in (0, 1, 2) or sorted(perm.tolist()) != list(range(num_classes)):
+      raise ValueError(f'mirror_channel_swaps[{axis}] must be a permutation of the {num_classes} output '
+                       f'channels on a spatial axis 0, 1, 2; got {perm.tolist()}')
+    out[int(axis)] = perm
+  return out
+
+
 def _check_prediction(prediction: np.ndarray, batch_shape: tuple, num_classes: int) -> np.ndarray:
   expected = batch_shape[:4] + (num_classes,)
   if prediction.shape != expected:
@@ -90,14 +102,17 @@ def _check_prediction(prediction: np.ndarray, batch_shape: tuple, num_classes: i
 
 def sliding_window_predict(predict_fn: Callable, image: np.ndarray, patch_size: Sequence[int], num_classes: int, *,
                            step_size: float = 0.5, batch_size: int = 2, use_gaussian: bool = True,
-                           mirror_axes: Sequence[int] = (), progress: Callable[[int, int], None] | None = None,
-                           pad_value: float = 0.0) -> np.ndarray:
+                           mirror_axes: Sequence[int] = (), mirror_channel_swaps: Mapping[int, Sequence[int]] | None = None,
+                           progress: Callable[[int, int], None] | None = None, pad_value: float = 0.0) -> np.ndarray:
   """Stitched (X, Y, Z, num_classes) float32 predictions of `predict_fn` over `image` (X, Y, Z, C).
 
   `predict_fn(batch (B, px, py, pz, C)) -> (B, px, py, pz, num_classes)` (numpy or jax) is called
   with B = batch_size always. With `mirror_axes` (spatial axes of the patch), each batch is also
   predicted flipped along every non-empty subset of them, flipped back, and averaged with the
-  plain prediction (nnU-Net's mirroring). `progress(done, total)` counts patches.
+  plain prediction (nnU-Net's mirroring). `mirror_channel_swaps[a]` is a permutation of the output
+  channels applied after flipping axis a back: a flip along the left-right axis turns left structures
+  into right ones, so a network trained with that mirroring (and the swap) predicts them swapped.
+  `progress(done, total)` counts patches.
   """
   image = np.asarray(image, np.float32)
   patch_size = tuple(int(p) for p in patch_size)
@@ -109,6 +124,7 @@ def sliding_window_predict(predict_fn: Callable, image: np.ndarray, patch_size: 
   starts = list(itertools.product(*sliding_window_steps(padded.shape[:3], patch_size, step_size)))
   weight = gaussian_importance_map(patch_size) if use_gaussian else np.ones(patch_size, np.float32)
   flips = mirror_combinations(mirror_axes)
+  swaps = _channel_swaps(mirror_channel_swaps, num_classes)
   summed = np.zeros(padded.shape[:3] + (num_classes,), np.float32)
   weights = np.zeros(padded.shape[:3], np.float32)
 
@@ -128,6 +144,9 @@ def sliding_window_predict(predict_fn: Callable, image: np.ndarray, patch_size: 
     for combo, out in pending:
       out = _check_prediction(np.asarray(out, np.float32), (batch_size,) + patch_size, num_classes)
       out = np.flip(out, [a + 1 for a in combo]) if combo else out
+      for a in combo:
+        if a in swaps:
+          out = out[..., swaps[a]]
       prediction = out if prediction is None else prediction + out
     if len(flips) > 1:
       prediction = prediction / np.float32(len(flips))

@@ -58,3 +58,14 @@ def test_predict_folder_keeps_each_input_grid_and_goes_on_after_a_failure(semant
   # A second run skips what is done.
   again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert "1 already done" in again.stdout
+
+
+
+def test_predict_flags_override_the_checkpoints_inference_settings():
+  from spine_jax import predict
+  config = semantic_config.get_config("smoke")
+  assert tuple(config.inference.mirror_axes) == (2,)
+  predict.inference_overrides(config)
+  assert tuple(config.inference.mirror_axes) == (2,) and config.inference.step_size == 0.5
+  predict.inference_overrides(config, disable_tta=True, step_size=0.75)
+  assert tuple(config.inference.mirror_axes) == () and config.inference.step_size == 0.75

@@ -124,6 +124,27 @@ def test_mirroring_flips_back_a_position_dependent_prediction():
   assert np.allclose(out, 7.5)
 
 
+def test_mirroring_swaps_left_and_right_channels_back():
+  """A network that tells left from right by position: class 1 in the patch's first half along
+  axis 2, class 2 in the second. Flipped, it calls the left half 2; the swap turns that back into 1,
+  so mirroring agrees with the plain prediction instead of averaging to one half each."""
+  image = _image((16, 8, 8))
+  half = (np.arange(8) < 4).reshape(1, 1, 1, 8)
+
+  def fn(batch):
+    out = np.zeros(batch.shape[:4] + (3,), np.float32)
+    out[..., 1] = half
+    out[..., 2] = ~half
+    return out
+  plain = sw.sliding_window_predict(fn, image, (16, 8, 8), 3)
+  swapped = sw.sliding_window_predict(fn, image, (16, 8, 8), 3, mirror_axes=(2,), mirror_channel_swaps={2: [0, 2, 1]})
+  unswapped = sw.sliding_window_predict(fn, image, (16, 8, 8), 3, mirror_axes=(2,))
+  assert np.allclose(swapped, plain)
+  assert np.allclose(unswapped[..., 1:], 0.5)
+  with pytest.raises(ValueError, match='permutation'):
+    sw.sliding_window_predict(fn, image, (16, 8, 8), 3, mirror_axes=(2,), mirror_channel_swaps={2: [0, 1, 1]})
+
+
 def test_jitted_jax_predict_fn():
   fn = jax.jit(lambda x: jax.nn.one_hot((x[..., 0] > 0).astype(jnp.int32), 2))
   image = _image((30, 20, 10), seed=3)
