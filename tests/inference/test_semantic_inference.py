@@ -30,6 +30,8 @@ def test_training_reports_dice_per_structure(semantic_run):
   assert saved["task"] == "semantic" and saved["step"] == 4
   assert set(saved["dice"]) == {spine_labels.structure_name(i) for i in spine_labels.SEMANTIC_IDS if i}
   assert saved["num_volumes"] == 1 and len(saved["volumes"]) == 1
+  assert set(saved["postprocessed"]["dice"]) == set(saved["dice"])
+  assert saved["postprocessed"]["mean_dice"] is None or 0.0 <= saved["postprocessed"]["mean_dice"] <= 1.0
 
 
 def test_predict_folder_keeps_each_input_grid_and_goes_on_after_a_failure(semantic_run, tmp_path):
