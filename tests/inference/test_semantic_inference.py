@@ -62,7 +62,6 @@ def test_predict_folder_keeps_each_input_grid_and_goes_on_after_a_failure(semant
   assert "1 already done" in again.stdout
 
 
-
 def test_predict_flags_override_the_checkpoints_inference_settings():
   from spine_jax import predict
   config = semantic_config.get_config("smoke")
