@@ -60,7 +60,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       warmup_steps=50, schedule="poly", end_learning_rate_factor=0.0, grad_clip_norm=12.0))
   # Dice over the classes a patch holds: with batch 1, nnU-Net's mean over all classes rewards
   # suppressing everywhere a class that few patches hold, as the sacrum (training/losses.py).
-  c.loss = ml_collections.ConfigDict(dict(batch_dice=True, present_only=True))
+  # dice_weight and ce_weight scale the two terms (nnU-Net: 1 and 1).
+  c.loss = ml_collections.ConfigDict(dict(batch_dice=True, present_only=True, dice_weight=1.0, ce_weight=1.0))
   # Test-time mirroring along the axes training mirrors (R, with left and right swapped back), as
   # nnU-Net predicts by default: it doubles the sliding window's cost.
   c.inference = ml_collections.ConfigDict(dict(step_size=0.5, batch_size=2, mirror_axes=(2,)))

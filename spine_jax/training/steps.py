@@ -72,7 +72,8 @@ def segmentation_train_step(state, batch, *, config):
     outputs, updates = _apply_train(state, params, batch["image"], rng)
     total, per_level = losses.deep_supervision_loss(
         outputs, batch["labels"], batch_dice=config.loss.batch_dice,
-        present_only=bool(config.loss.get("present_only", False)))
+        present_only=bool(config.loss.get("present_only", False)),
+        dice_weight=float(config.loss.get("dice_weight", 1.0)), ce_weight=float(config.loss.get("ce_weight", 1.0)))
     return total, (updates, outputs, per_level)
 
   (loss, (updates, outputs, per_level)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

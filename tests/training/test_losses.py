@@ -110,6 +110,15 @@ def test_soft_dice_by_hand():
   np.testing.assert_allclose(float(losses.soft_dice_loss(logits, labels)), -0.5, atol=1e-5)
 
 
+def test_dice_ce_loss_weights_its_two_terms():
+  labels = jnp.array(np.random.default_rng(1).integers(0, 3, (1, 4, 4, 2)))
+  logits = jnp.asarray(np.random.default_rng(2).normal(size=(1, 4, 4, 2, 3)), jnp.float32)
+  dice = float(losses.soft_dice_loss(logits, labels))
+  ce = float(losses.dice_ce_loss(logits, labels, dice_weight=0.0))
+  np.testing.assert_allclose(float(losses.dice_ce_loss(logits, labels, ce_weight=2.0, dice_weight=0.5)),
+                             2.0 * ce + 0.5 * dice, rtol=1e-5)
+
+
 def test_soft_dice_present_only_leaves_absent_classes_out():
   # 3 classes; class 1 predicted perfectly, class 2 absent from the labels with p = 0.25 on 2 voxels.
   labels = jnp.array([1, 0, 1, 0]).reshape(1, 4, 1, 1)
