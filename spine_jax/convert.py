@@ -31,6 +31,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from spine_jax import cli
+
 _INPUT = flags.DEFINE_string("input", None, "densenet: a .pth/.pt state dict; nnunet: the model folder.")
 _OUTPUT = flags.DEFINE_string("output", None, "densenet: the .npz to write; nnunet: the checkpoint folder; "
                               "spineps: the folder to hold semantic/ and instance/.")
@@ -109,4 +111,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "spine_jax.convert")

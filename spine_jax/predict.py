@@ -28,9 +28,15 @@ import csv
 import pathlib
 import sys
 
+import numpy as np
+
 from absl import app
 from absl import flags
 from absl import logging
+
+from spine_jax import cli
+from spine_jax.inference import batch
+from spine_jax.training import checkpoints
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training work directory or checkpoint folder.")
 _IMAGE = flags.DEFINE_string("image", None, "CT NIfTI in Hounsfield units.")
@@ -38,6 +44,8 @@ _MASK = flags.DEFINE_string("mask", None, "Vertebra label NIfTI on the CT's grid
 _PAIRS = flags.DEFINE_string("pairs", None, "CSV with columns image,mask (paths relative to the CSV).")
 _SCHEME = flags.DEFINE_enum("scheme", "spineps", ["spineps", "totalsegmentator"], "Label numbering of the mask.")
 _LABELS = flags.DEFINE_list("labels", None, "Only these mask labels (default: every vertebra label).")
+flags.register_validator("labels", lambda v: v is None or all(x.strip().isdigit() for x in v),
+                         "--labels takes mask label numbers separated by commas, e.g. 20,21,22")
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder.")
 _NAME = flags.DEFINE_string("name", None, "Output name stem (default: the image file's name).")
 _INPUT = flags.DEFINE_string("input", None, "semantic, spine: a NIfTI file or a folder of them.")
@@ -71,24 +79,45 @@ def inference_overrides(config, disable_tta: bool = False, step_size: float | No
     config.inference.mirror_axes = ()
 
 
-def _stem(path: pathlib.Path) -> str:
-  name = path.name
-  for suffix in (".nii.gz", ".nii"):
-    if name.endswith(suffix):
-      return name[: -len(suffix)]
-  return path.stem
-
-
 def _read_pairs(path: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
-  base = pathlib.Path(path).parent
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    if not reader.fieldnames or not {"image", "mask"} <= set(reader.fieldnames):
-      raise app.UsageError(f"{path}: needs the columns image,mask (found {reader.fieldnames})")
-    pairs = [(base / r["image"], base / r["mask"]) for r in reader]
-  if not pairs:
-    raise app.UsageError(f"{path}: no rows")
-  return pairs
+  """The (image, mask) rows of a --pairs CSV, paths relative to the CSV; every bad row is named at once."""
+  csv_path = pathlib.Path(path)
+  if not csv_path.is_file():
+    raise app.UsageError(f"--pairs {csv_path}: no such file")
+  try:
+    with open(csv_path, newline="", encoding="utf-8") as f:
+      reader = csv.DictReader(f)
+      if not reader.fieldnames or not {"image", "mask"} <= set(reader.fieldnames):
+        raise app.UsageError(f"--pairs {csv_path}: needs the columns image,mask (found {reader.fieldnames})")
+      rows = list(reader)
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    raise app.UsageError(f"--pairs {csv_path}: not a readable CSV file ({e})") from None
+  if not rows:
+    raise app.UsageError(f"--pairs {csv_path}: no rows")
+  bad = [f"row {i}: empty {', '.join(k for k in ('image', 'mask') if not (r.get(k) or '').strip())}"
+         for i, r in enumerate(rows, 2) if not all((r.get(k) or "").strip() for k in ("image", "mask"))]
+  if bad:
+    raise app.UsageError(f"--pairs {csv_path}: " + "; ".join(bad) + " (each row needs an image and a mask)")
+  return [(csv_path.parent / r["image"].strip(), csv_path.parent / r["mask"].strip()) for r in rows]
+
+
+def _print_ct_rows(rows, ignored) -> None:
+  for row in rows:
+    sins_total = row.get("sins", {}).get("partial_total") if row.get("sins") else None
+    print(f"    {row['level']:>4} (label {row['label']}): {row.get('quality', '-'):8s} "
+          f"posterolateral {row.get('posterolateral', '-'):10s} partial SINS "
+          f"{'-' if sins_total is None else sins_total}  [{row['num_slices']} slices]"
+          + (f"  ERROR {row['error']}" if "error" in row else ""), flush=True)
+  if ignored:
+    print(f"    labels not classified (no vertebra in the --scheme={_SCHEME.value} numbering): {ignored}", flush=True)
+
+
+def _report_failures(failures, total: int) -> int:
+  if failures:
+    print(f"{len(failures)} of {total} scan(s) failed:", file=sys.stderr)
+    for source, e in failures:
+      print(f"  {source}: {e}", file=sys.stderr)
+  return 1 if failures else 0
 
 
 def run_ct() -> int:
@@ -99,37 +128,33 @@ def run_ct() -> int:
     raise app.UsageError("ct needs --checkpoint and --output")
   if _PAIRS.value:
     pairs = _read_pairs(_PAIRS.value)
+    root = pathlib.Path(_PAIRS.value).parent
   elif _IMAGE.value and _MASK.value:
     pairs = [(pathlib.Path(_IMAGE.value), pathlib.Path(_MASK.value))]
+    root = None
   else:
     raise app.UsageError("ct needs --image and --mask, or --pairs")
+  masks = dict(zip((image for image, _ in pairs), (mask for _, mask in pairs)))
+  jobs = batch.plan_jobs([image for image, _ in pairs], _OUTPUT.value, root=root, name=_NAME.value)
+  batch.check_output_dir(_OUTPUT.value)
   state, config, mesh = vertebrae.load_classifier(_CHECKPOINT.value)
   failures = []
-  for i, (image, mask) in enumerate(pairs, 1):
-    name = _NAME.value if (_NAME.value and len(pairs) == 1) else _stem(image)
+  for i, job in enumerate(jobs, 1):
+    image, mask = job.source, masks[job.source]
     try:
-      rows = vertebrae.classify_ct(state, config, mesh, image, mask, scheme=_SCHEME.value, labels=_LABELS.value)
-      meta = {"image": str(image), "mask": str(mask), "scheme": _SCHEME.value,
+      rows, ignored = vertebrae.classify_ct(state, config, mesh, image, mask, scheme=_SCHEME.value,
+                                            labels=_LABELS.value)
+      meta = {"image": str(image), "mask": str(mask), "scheme": _SCHEME.value, "ignored_labels": ignored,
               "checkpoint": str(pathlib.Path(_CHECKPOINT.value).absolute()),
               "classes": {"quality": list(vertebrae.QUALITY_CLASSES),
                           "posterolateral": list(vertebrae.POSTEROLATERAL_CLASSES)}}
-      json_path, csv_path = vertebra_report.write_reports(rows, meta, _OUTPUT.value, name)
-      print(f"[{i}/{len(pairs)}] {image}: {len(rows)} vertebrae -> {json_path}, {csv_path}", flush=True)
-      for row in rows:
-        sins_total = row.get("sins", {}).get("partial_total") if row.get("sins") else None
-        print(f"    {row['level']:>4} (label {row['label']}): {row.get('quality', '-'):8s} "
-              f"posterolateral {row.get('posterolateral', '-'):10s} partial SINS "
-              f"{'-' if sins_total is None else sins_total}  [{row['num_slices']} slices]"
-              + (f"  ERROR {row['error']}" if "error" in row else ""), flush=True)
+      json_path, csv_path = vertebra_report.write_reports(rows, meta, job.out_dir, job.stem)
+      print(f"[{i}/{len(jobs)}] {image}: {len(rows)} vertebrae -> {json_path}, {csv_path}", flush=True)
+      _print_ct_rows(rows, ignored)
     except (ValueError, OSError) as e:  # NiftiError, SliceError, LevelError are ValueErrors
       failures.append((image, e))
-      print(f"[{i}/{len(pairs)}] FAILED {image}: {e}", file=sys.stderr, flush=True)
-  if failures:
-    print(f"{len(failures)} of {len(pairs)} scan(s) failed:", file=sys.stderr)
-    for image, e in failures:
-      print(f"  {image}: {e}", file=sys.stderr)
-    return 1
-  return 0
+      print(f"[{i}/{len(jobs)}] FAILED {image}", file=sys.stderr, flush=True)
+  return _report_failures(failures, len(jobs))
 
 
 class _Progress:
@@ -158,48 +183,81 @@ class _Progress:
     print(f"\r[{self.index}/{self.total}] {self.name[-50:]:50s} {bar:40s}", end="", flush=True)
 
 
+def _plan_scans(input_path, output) -> list:
+  """Every scan of --input with its output location, and --output checked, before any model loads."""
+  scans = batch.find_scans(input_path)
+  jobs = batch.plan_jobs(scans, output, root=batch.input_root(input_path))
+  batch.check_output_dir(output)
+  return jobs
+
+
+def _triage(jobs, outputs_of, identity_of) -> tuple[list, list, int]:
+  """(jobs to run with their input digests, failures, number already done) from each job's outputs."""
+  todo, failures, done = [], [], 0
+  for job in jobs:
+    try:
+      digest = batch.file_digest(job.source)
+    except OSError as e:
+      failures.append((job.source, f"cannot read it ({e.strerror or e})"))
+      continue
+    state = batch.output_state(outputs_of(job), batch.mask_input_digest(identity_of(job)), digest)
+    if state == "done" and not _OVERWRITE.value:
+      done += 1
+    elif state == "foreign" and not _OVERWRITE.value:
+      failures.append((job.source, f"{identity_of(job)} exists and was not made from this file; choose another "
+                                   f"--output or pass --overwrite to replace it"))
+    else:
+      todo.append((job, digest))
+  return todo, failures, done
+
+
 def run_semantic() -> int:
   from spine_jax.data import nifti
   from spine_jax.inference import restore
   from spine_jax.inference import semantic
+  from spine_jax.inference import spine
   from spine_jax.reports import pictures
 
   if not (_CHECKPOINT.value and _INPUT.value and _OUTPUT.value):
     raise app.UsageError("semantic needs --checkpoint, --input and --output")
-  scans = semantic.find_scans(_INPUT.value)
-  out_dir = pathlib.Path(_OUTPUT.value)
-  state, config, mesh = restore.load_for_inference(_CHECKPOINT.value, "semantic")
-  inference_overrides(config, _DISABLE_TTA.value, _STEP_SIZE.value)
-  logits_fn = semantic.make_logits_fn(state, mesh)
-  progress = _Progress(len(scans))
-  failures, skipped = [], 0
-  for i, scan in enumerate(scans, 1):
-    stem = semantic.output_stem(scan)
-    mask_path = out_dir / f"{stem}_seg-spine_msk.nii.gz"
-    if mask_path.exists() and not _OVERWRITE.value:
-      skipped += 1
-      continue
-    progress.file(i, scan.name)
+  jobs = _plan_scans(_INPUT.value, _OUTPUT.value)
+  mask_of = lambda job: job.path(batch.OUTPUT_SUFFIXES["semantic"])  # noqa: E731
+  outputs = lambda job: (mask_of(job), job.path(batch.OUTPUT_SUFFIXES["snapshot"]))  # noqa: E731
+  todo, failures, skipped = _triage(jobs, outputs, mask_of)
+  if todo:
+    state, config, mesh = restore.load_for_inference(_CHECKPOINT.value, "semantic")
+    inference_overrides(config, _DISABLE_TTA.value, _STEP_SIZE.value)
+    logits_fn = semantic.make_logits_fn(state, mesh)
+  progress = _Progress(len(todo))
+  segmented = 0
+  for i, (job, digest) in enumerate(todo, 1):
+    progress.file(i, job.source.name)
+    mask_path, png_path = outputs(job)
     try:
-      result = semantic.segment_file(state, config, mesh, scan, logits_fn=logits_fn, progress=progress.windows)
-      nifti.atomic_save_nifti(result.mask, result.affine, mask_path, header=result.header, dtype="uint8")
-      pictures.sagittal_snapshot_png(result.model_image, [result.model_mask], ["T2w", "semantic"],
-                                     out_dir / f"{stem}_seg-spine_snp.png")
+      result = semantic.segment_file(state, config, mesh, job.source, logits_fn=logits_fn, progress=progress.windows)
+      blank = spine.blank_image_message(result.model_image)
+      if blank or not np.any(result.mask):
+        print(f"\n  warning: {job.source}: {blank or 'no spine structure found (not a spine T2w scan?)'}", flush=True)
+      # The picture first: the mask, which records the input, marks the scan done.
+      pictures.sagittal_snapshot_png(result.model_image, [result.model_mask], ["T2w", "semantic"], png_path)
+      nifti.atomic_save_nifti(result.mask, result.affine, mask_path, header=result.header, dtype="uint8",
+                              description=batch.nifti_description(digest))
+      segmented += 1
       print(f"  -> {mask_path}", flush=True)
-    except (ValueError, OSError) as e:  # NiftiError, VolumeError, LabelError are ValueErrors
-      failures.append((scan, e))
-      print(f"\n[{i}/{len(scans)}] FAILED {scan}: {e}", file=sys.stderr, flush=True)
-  done = len(scans) - len(failures) - skipped
-  print(f"{done} segmented, {skipped} already done, {len(failures)} failed", flush=True)
-  for scan, e in failures:
-    print(f"  {scan}: {e}", file=sys.stderr)
-  return 1 if failures else 0
+    except (ValueError, OSError, MemoryError) as e:  # NiftiError, VolumeError, LabelError are ValueErrors
+      failures.append((job.source, e))
+      print(f"\n[{i}/{len(todo)}] FAILED {job.source}", file=sys.stderr, flush=True)
+  print(f"{segmented} segmented, {skipped} already done, {len(failures)} failed", flush=True)
+  return _report_failures(failures, len(jobs))
 
 
-def _reference(spine, stem: str, paths: dict, references: dict | None):
+def _reference(spine, job, paths: dict, references: dict | None, root):
   if _REF_INSTANCE.value:
     return pathlib.Path(_REF_INSTANCE.value)
-  return spine.find_reference(references, stem, exclude=paths.values()) if references is not None else None
+  if references is None:
+    return None
+  folder = job.out_dir.relative_to(pathlib.Path(_OUTPUT.value)) if root is not None else None
+  return spine.find_reference(references, job.stem, folder=folder, exclude=paths.values())
 
 
 def _report_metrics(scan, vert_path, ref) -> dict:
@@ -222,7 +280,6 @@ def _print_spine_result(instance_path, result: dict) -> None:
 
 def run_spine() -> int:
   import logging as py_logging
-  from spine_jax.inference import semantic
   from spine_jax.inference import spine
 
   if not (_SEMANTIC_CHECKPOINT.value and _INSTANCE_CHECKPOINT.value and _INPUT.value and _OUTPUT.value):
@@ -231,54 +288,65 @@ def run_spine() -> int:
     raise app.UsageError("spine: give --ref_instance or --ref_dir, not both")
   try:
     first = spine.parse_first_vertebra(_FIRST_VERTEBRA.value)
-    scans = semantic.find_scans(_INPUT.value)
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(f"spine: {e}") from e
-  if _REF_INSTANCE.value and len(scans) != 1:
-    raise app.UsageError(f"spine: --ref_instance is for one input scan, found {len(scans)}; use --ref_dir")
+  except ValueError as e:
+    raise app.UsageError(f"--first_vertebra: {e}") from e
+  jobs = _plan_scans(_INPUT.value, _OUTPUT.value)
+  if _REF_INSTANCE.value and len(jobs) != 1:
+    raise app.UsageError(f"--ref_instance is for one input scan, found {len(jobs)}; use --ref_dir")
+  if _REF_DIR.value and not pathlib.Path(_REF_DIR.value).is_dir():
+    raise app.UsageError(f"--ref_dir {_REF_DIR.value}: no such folder")
   references = spine.index_references(_REF_DIR.value) if _REF_DIR.value else None
-  out_dir = pathlib.Path(_OUTPUT.value)
-  jobs = [(scan, semantic.output_stem(scan)) for scan in scans]
-  jobs = [(scan, stem, spine.output_paths(out_dir, stem)) for scan, stem in jobs]
-  todo = {scan for scan, _, paths in jobs if _OVERWRITE.value or not spine.outputs_exist(paths)}
+  root = batch.input_root(_INPUT.value)
+  paths_of = {job: spine.output_paths(job.out_dir, job.stem) for job in jobs}
+  todo, failures, skipped = _triage(jobs, lambda job: paths_of[job].values(), lambda job: paths_of[job]["semantic"])
   models = spine.load_spine_models(_SEMANTIC_CHECKPOINT.value, _INSTANCE_CHECKPOINT.value) if todo else None
   if models:
     inference_overrides(models[0].config, _DISABLE_TTA.value, _STEP_SIZE.value)
   py_logging.getLogger(spine.PHASE2_LOGGER).setLevel(py_logging.ERROR)  # its warnings are printed per scan below
-  progress = _Progress(len(scans))
-  failures, segmented, dice = [], 0, []
-  for i, (scan, stem, paths) in enumerate(jobs, 1):
-    if scan in todo:
-      progress.file(i, scan.name)
+  progress = _Progress(len(todo))
+  digests = dict(todo)
+  failed = {source for source, _ in failures}
+  segmented, dice = 0, []
+  for job in jobs:
+    if job.source in failed:
+      continue
+    paths = paths_of[job]
+    if job in digests:
+      progress.file(segmented + 1, job.source.name)
       try:
-        result = spine.segment_file(*models, scan, paths, first_vertebra=first, progress=progress.stage)
+        result = spine.segment_file(*models, job.source, paths, first_vertebra=first, progress=progress.stage,
+                                    input_digest=digests[job])
       except (ValueError, OSError, RuntimeError, MemoryError) as e:  # bad files; a scan too large for the device
-        failures.append((scan, e))
-        print(f"\n[{i}/{len(scans)}] FAILED {scan}: {e}", file=sys.stderr, flush=True)
+        failures.append((job.source, e))
+        print(f"\nFAILED {job.source}", file=sys.stderr, flush=True)
         continue
       segmented += 1
+      if not result["centroids"]["vertebrae"]:
+        result["messages"].append("no vertebra found (blank or not a spine T2w scan?)")
       _print_spine_result(paths["instance"], result)
-    ref = _reference(spine, stem, paths, references)
+    ref = _reference(spine, job, paths, references, root)
     if ref is not None:  # also for scans done before: metrics read the written mask
       try:
-        dice.append(_report_metrics(scan, paths["instance"], ref)["groups"]["vertebrae"]["by_overlap"]["mean_dice"])
+        dice.append(_report_metrics(job.source, paths["instance"], ref)["groups"]["vertebrae"]["by_overlap"]["mean_dice"])
       except (ValueError, OSError) as e:
-        failures.append((scan, f"reference {ref}: {e}"))
-  print(f"{segmented} segmented, {len(scans) - len(todo)} already done, {len(failures)} failed", flush=True)
+        failures.append((job.source, f"reference {ref}: {e}"))
+  print(f"{segmented} segmented, {skipped} already done, {len(failures)} failed", flush=True)
   scored = [d for d in dice if d is not None]
   if scored:
     print(f"mean vertebra Dice (paired by overlap) over {len(scored)} scan(s): {sum(scored) / len(scored):.3f}")
-  for scan, e in failures:
-    print(f"  {scan}: {e}", file=sys.stderr)
-  return 1 if failures else 0
+  return _report_failures(failures, len(jobs))
 
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m spine_jax.predict {{{'|'.join(COMMANDS)}}} --flags (got {argv[1:]})")
   logging.set_verbosity(logging.WARNING)
-  return {"ct": run_ct, "semantic": run_semantic, "spine": run_spine}[argv[1]]()
+  try:
+    return {"ct": run_ct, "semantic": run_semantic, "spine": run_spine}[argv[1]]()
+  except (batch.BatchError, checkpoints.CheckpointError) as e:  # the run as a whole cannot start
+    print(f"error: {e}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "spine_jax.predict")

@@ -17,7 +17,15 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from spine_jax import cli
+from spine_jax.config_variants import ConfigError
+from spine_jax.data.manifest import ManifestError
+from spine_jax.data.nifti import NiftiError
 from spine_jax.training import loop
+from spine_jax.training.checkpoints import CheckpointError
+
+# A user's mistake (config values, data, manifests, checkpoints, the work directory): one line, exit 1.
+USER_ERRORS = (ConfigError, ManifestError, NiftiError, CheckpointError, OSError)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:variant]).",
                                           lock_config=True)
@@ -61,7 +69,14 @@ def parse_flags(argv):
     sys.exit(f"error: unknown config field in {shown}: the config has no field {missing!r}. "
              f"See the config file for the fields it defines.")
   except flags.Error as e:
-    sys.exit(f"error: {e}\nPass --helpshort to see the flags.")
+    text = str(e)
+    if "Traceback (most recent call last)" in text:  # config_flags puts the config file's traceback in the text
+      last = text.strip().splitlines()[-1]
+      what = re.match(r"^[\w.]*?(\w+): (.*)$", last)
+      if what and what.group(1) == ConfigError.__name__:
+        sys.exit(f"error: {what.group(2)}")
+      sys.exit(f"error: {text.splitlines()[0].rstrip(':')}: {last}")
+    sys.exit(f"error: {e}\n(--helpshort lists the flags)")
 
 
 def wants_distributed() -> bool:
@@ -102,6 +117,9 @@ def main(argv):
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, step_timeout=_STEP_TIMEOUT.value)
   except (Exception, KeyboardInterrupt) as e:  # SystemExit (preemption's 42) passes through
     if jax.process_count() == 1:
+      if isinstance(e, USER_ERRORS):
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
       raise
     # Leave at once, skipping the shutdown barrier: the other processes then see this one gone and stop
     # (collective error or missed heartbeats) instead of waiting in a collective for it.
@@ -112,4 +130,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, "spine_jax.train", flags_parser=parse_flags)

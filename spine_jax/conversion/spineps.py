@@ -24,11 +24,10 @@ What the instance conversion takes from where:
   finer bound), ``cutout_size``, ``corpus_size_cleaning`` (-> ``inference.min_body_voxels``),
   ``vert_size_threshold`` (-> ``inference.min_instance_voxels``) and ``mapping`` (must relabel
   41..48 -> 1..8 and 49 -> 9 as ``inference/instance.py`` does). Other fields are ignored.
-* everything else: ``configs/instance.py:spineps`` (SPINEPS 1.x scale, Adam at zero).
+* everything else: ``training.instance.spineps_config`` (SPINEPS 1.x scale, Adam at zero).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import shutil
@@ -212,17 +211,6 @@ def unet3d_architecture(arrays: Mapping[str, np.ndarray], path) -> dict[str, Any
               num_classes=int(num_classes), groups=8, init_kernel=int(k))
 
 
-def _instance_base_config():
-  path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "instance.py"
-  if not path.is_file():
-    raise ConversionError(f"{path}: not found (the instance conversion starts from configs/instance.py:spineps; "
-                          f"run from a source checkout)")
-  spec = importlib.util.spec_from_file_location("spine_jax_configs_instance", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("spineps")
-
-
 def _triple(value, n, what, source, kind=float) -> tuple:
   try:
     out = tuple(kind(v) for v in value)
@@ -234,16 +222,17 @@ def _triple(value, n, what, source, kind=float) -> tuple:
 
 
 def instance_config(arch: Mapping[str, Any], config: Mapping[str, Any], folder, provenance: Mapping[str, Any]):
-  """A complete instance-task config: configs/instance.py:spineps, the weights' architecture and the
-  inference_config.json fields listed in the module docstring."""
+  """A complete instance-task config: ``training.instance.spineps_config``, the weights' architecture
+  and the inference_config.json fields listed in the module docstring."""
   import ml_collections
 
   from spine_jax.data import spatial
   from spine_jax.inference import instance as instance_inference
   from spine_jax.models import instance_unet
+  from spine_jax.training import instance as instance_task
 
   source = pathlib.Path(folder) / INFERENCE_CONFIG
-  c = _instance_base_config()
+  c = instance_task.spineps_config()
   c.model.update(dict(arch))
   codes = orientation(config, folder)
   if codes is not None and codes != tuple(spatial.PIR):

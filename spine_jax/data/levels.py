@@ -107,3 +107,43 @@ def neighbour_level(level: str, step: int) -> str | None:
   order = _STANDARD if name in _STANDARD else LEVELS
   k = order.index(name) + step
   return order[k] if 0 <= k < len(order) else None
+
+
+# What a vertebra mask's other labels may be without implying another numbering: SPINEPS instance masks
+# also hold discs (100 + X) and endplates (200 + X); TotalSegmentator's 'total' task holds organs, ribs
+# and other bones under every other number (1..117).
+_SPINEPS_NON_VERTEBRA = range(100, 300)
+_SPINEPS_SEMANTIC = (41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 60, 61, 62)
+
+
+def split_mask_labels(present, scheme: str, source: str = 'mask') -> tuple[list[int], list[int]]:
+  """(vertebra labels of `scheme`, every other label) of the labels present in a mask.
+
+  A mask whose labels imply the other numbering is refused with a LevelError naming `source` and the
+  labels, rather than read as wrong levels: under 'spineps', labels 29..99 are no SPINEPS vertebra
+  (TotalSegmentator numbers vertebrae 26..50; a SPINEPS semantic mask holds 41..62); under
+  'totalsegmentator', a mask without one of its vertebra labels but with SPINEPS ones.
+  """
+  name = _scheme(scheme)
+  table = _LABEL_TO_LEVEL[name]
+  present = sorted({int(v) for v in present if int(v) != 0})
+  vertebrae = [v for v in present if v in table]
+  others = [v for v in present if v not in table]
+  if name == 'spineps':
+    foreign = [v for v in others if v not in _SPINEPS_NON_VERTEBRA]
+    if foreign:
+      if set(foreign) <= set(_SPINEPS_SEMANTIC) and not vertebrae:
+        hint = ('it looks like a SPINEPS semantic mask (structures, not vertebrae): give the instance mask '
+                '(*_seg-vert_msk.nii.gz)')
+      elif any(v in _TOTALSEGMENTATOR for v in foreign):
+        hint = ('TotalSegmentator numbers vertebrae 26 (S1) .. 50 (C1): pass --scheme=totalsegmentator if the mask '
+                'is TotalSegmentator\'s')
+      else:
+        hint = 'SPINEPS numbers vertebrae 1..28, discs 101..128 and endplates 201..228'
+      raise LevelError(f'{source}: labels {foreign} are not SPINEPS vertebra ids, so the mask is not in the '
+                       f'spineps numbering; {hint}')
+  elif not vertebrae and any(v in _SPINEPS for v in others):
+    raise LevelError(f'{source}: no TotalSegmentator vertebra label (26..50) but labels '
+                     f'{[v for v in others if v in _SPINEPS]} in SPINEPS\' vertebra range: pass --scheme=spineps '
+                     f'if the mask is SPINEPS\'')
+  return vertebrae, others

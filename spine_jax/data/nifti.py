@@ -102,7 +102,10 @@ def load_mask(path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     if np.any(np.abs(array - rounded) > 1e-3):
       raise NiftiError(f'{path}: label mask has non-integer values (is it an image rather than a mask?)')
     array = rounded
-  if array.size and (array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
+  if array.size and array.min() < 0:
+    raise NiftiError(f'{path}: label mask has negative values (down to {array.min():g}); is it an image rather '
+                     f'than a mask?')
+  if array.size and array.max() > np.iinfo(np.int32).max:
     raise NiftiError(f'{path}: label values outside the int32 range')
   return array.astype(np.int32), affine, header
 
@@ -230,8 +233,10 @@ def atomic_write_text(path, text: str, encoding: str = 'utf-8') -> None:
   atomic_write_bytes(path, text.encode(encoding))
 
 
-def atomic_save_nifti(array: np.ndarray, affine: np.ndarray, path, header=None, dtype=None) -> None:
-  """Save a 3D (or 4D) array as .nii / .nii.gz atomically.
+def atomic_save_nifti(array: np.ndarray, affine: np.ndarray, path, header=None, dtype=None,
+                      description: str | None = None) -> None:
+  """Save a 3D (or 4D) array as .nii / .nii.gz atomically; `description` (at most 80 ASCII characters)
+  goes to the header's `descrip`.
 
   The on-disk type is `dtype`, else the array's own (bool -> uint8, int64 -> the smallest type
   that holds the values), even when `header` comes from a file of another type: a float map
@@ -247,5 +252,7 @@ def atomic_save_nifti(array: np.ndarray, affine: np.ndarray, path, header=None, 
   header = header.copy() if header is not None else None
   img = nib.Nifti1Image(array, np.asarray(affine, np.float64), header=header, dtype=dtype)
   img.header.set_xyzt_units('mm', 'sec')
+  if description is not None:
+    img.header['descrip'] = description.encode('ascii')[:80]
   with _atomic_target(path, suffix) as tmp:
     nib.save(img, str(tmp))

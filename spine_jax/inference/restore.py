@@ -12,7 +12,8 @@ def load_for_inference(checkpoint, task_name: str, mesh=None):
   preprocessing always match the weights."""
   config, root, step = checkpoints.load_config(checkpoint)
   if config.get("task") != task_name:
-    raise ValueError(f"checkpoint {root / str(step)} holds a {config.get('task')!r} model, not {task_name!r}")
+    raise checkpoints.CheckpointError(f"checkpoint {root / str(step)} holds a {config.get('task')!r} model, not "
+                                      f"{task_name!r}")
   mesh = mesh or mesh_lib.make_mesh()
   task = tasks.get_task(config)
   tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)

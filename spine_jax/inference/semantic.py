@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 import jax
 import numpy as np
@@ -79,26 +78,3 @@ def segment_file(state, config, mesh, path, *, logits_fn=None, progress=None) ->
                          progress=progress)
   result.header = header
   return result
-
-
-def output_stem(path: pathlib.Path) -> str:
-  """The input's name without .nii/.nii.gz; outputs append BIDS-derivative suffixes to it."""
-  name = pathlib.Path(path).name
-  for suffix in (".nii.gz", ".nii"):
-    if name.lower().endswith(suffix):
-      return name[: -len(suffix)]
-  return pathlib.Path(path).stem
-
-
-def find_scans(path) -> list[pathlib.Path]:
-  """A NIfTI file, or every NIfTI in a folder (recursively), skipping our own outputs."""
-  path = pathlib.Path(path)
-  if path.is_file():
-    return [path]
-  if not path.is_dir():
-    raise FileNotFoundError(f"{path}: no such file or folder")
-  scans = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz"))
-                 and "_seg-" not in p.name)
-  if not scans:
-    raise FileNotFoundError(f"{path}: no .nii or .nii.gz files")
-  return scans

@@ -28,6 +28,7 @@ import numpy as np
 
 from spine_jax.data import nifti
 from spine_jax.data import spatial
+from spine_jax.inference import batch
 from spine_jax.inference import instance as instance_lib
 from spine_jax.inference import restore
 from spine_jax.inference import semantic as semantic_lib
@@ -35,8 +36,7 @@ from spine_jax.reports import pictures
 from spine_jax.training import instance as instance_training
 from spine_jax.training import mesh as mesh_lib
 
-OUTPUT_SUFFIXES = {"semantic": "_seg-spine_msk.nii.gz", "instance": "_seg-vert_msk.nii.gz",
-                   "centroids": "_seg-spine_ctd.json", "snapshot": "_seg-spine_snp.png"}
+OUTPUT_SUFFIXES = batch.OUTPUT_SUFFIXES
 REFERENCE_SUFFIXES = ("_seg-vert_msk.nii.gz", "_seg-vert_msk.nii")
 # Phase 2's warnings are returned (printed and stored per scan by the command); its logger repeats them.
 PHASE2_LOGGER = instance_lib.logger.name
@@ -51,6 +51,14 @@ class Model:
   mesh: Any
   fn: Callable
   checkpoint: str
+
+
+def blank_image_message(image: np.ndarray) -> str | None:
+  """A warning when the scan holds one value everywhere (all zero, say): nothing to segment."""
+  image = np.asarray(image)
+  if image.size and float(image.min()) == float(image.max()):
+    return f"the input image is blank (every voxel is {float(image.min()):g}): nothing to segment"
+  return None
 
 
 def load_spine_models(semantic_checkpoint, instance_checkpoint, mesh=None) -> tuple[Model, Model]:
@@ -138,6 +146,8 @@ def segment_spine(image: np.ndarray, affine: np.ndarray, semantic_model: Model, 
   predict = _counting(instance_model.fn, lambda d: progress("cutouts", d, None)) if progress else None
   cfg = phase2_config(instance_model, first_vertebra)
   instances, messages = instances_in_input_space(sem.mask, affine, instance_model, cfg, name=name, predict_fn=predict)
+  if blank := blank_image_message(image):
+    messages = [blank, *messages]
   return {"semantic": sem.mask, "instance": instances, "centroids": instance_lib.centroids(instances, sem.mask, affine),
           "messages": messages}
 
@@ -169,13 +179,16 @@ def centroids_json(result: dict, meta: dict | None = None) -> str:
 
 
 def write_outputs(result: dict, image: np.ndarray, affine: np.ndarray, paths: dict, *, header=None,
-                  meta: dict | None = None) -> None:
+                  meta: dict | None = None, description: str | None = None) -> None:
   """Write the four outputs, each atomically; if any write fails, the ones already written are removed,
-  so a scan has all its outputs or none (and a resumed run redoes it)."""
+  so a scan has all its outputs or none (and a resumed run redoes it). `description` goes to the masks'
+  NIfTI headers (`batch.nifti_description`: the input they were made from)."""
   text, png = centroids_json(result, meta), snapshot_png(image, affine, result)
   steps = (
-      ("semantic", lambda p: nifti.atomic_save_nifti(result["semantic"], affine, p, header=header, dtype="uint8")),
-      ("instance", lambda p: nifti.atomic_save_nifti(result["instance"], affine, p, header=header, dtype="int16")),
+      ("semantic", lambda p: nifti.atomic_save_nifti(result["semantic"], affine, p, header=header, dtype="uint8",
+                                                     description=description)),
+      ("instance", lambda p: nifti.atomic_save_nifti(result["instance"], affine, p, header=header, dtype="int16",
+                                                     description=description)),
       ("centroids", lambda p: nifti.atomic_write_text(p, text)),
       ("snapshot", lambda p: nifti.atomic_write_bytes(p, png)))
   written = []
@@ -190,35 +203,48 @@ def write_outputs(result: dict, image: np.ndarray, affine: np.ndarray, paths: di
 
 
 def segment_file(semantic_model: Model, instance_model: Model, path, paths: dict, *, first_vertebra=None,
-                 progress=None) -> dict:
-  """Phases 1 and 2 on a NIfTI file, its four outputs written to `paths` (`output_paths`); returns the result."""
+                 progress=None, input_digest: str | None = None) -> dict:
+  """Phases 1 and 2 on a NIfTI file, its four outputs written to `paths` (`output_paths`); returns the result.
+  `input_digest` (`batch.file_digest` of the file) is recorded in the outputs."""
   image, affine, header = nifti.load_nifti(path)
   result = segment_spine(image, affine, semantic_model, instance_model, first_vertebra=first_vertebra,
                          name=str(path), progress=progress)
   meta = {"input": str(path), "semantic_checkpoint": semantic_model.checkpoint,
           "instance_checkpoint": instance_model.checkpoint,
           "first_vertebra": int(phase2_config(instance_model, first_vertebra).first_vertebra)}
-  write_outputs(result, image, affine, paths, header=header, meta=meta)
+  if input_digest:
+    meta["input_sha256"] = input_digest
+  write_outputs(result, image, affine, paths, header=header, meta=meta,
+                description=batch.nifti_description(input_digest) if input_digest else None)
   return result
 
 
-def index_references(ref_dir) -> dict[str, pathlib.Path]:
-  """{file name: path} of every instance mask (`*_seg-vert_msk.nii[.gz]`) under `ref_dir`, searched once."""
-  found = {}
-  for path in sorted(pathlib.Path(ref_dir).rglob("*_seg-vert_msk.nii*")):
+def index_references(ref_dir) -> dict[str, list[tuple[pathlib.PurePath, pathlib.Path]]]:
+  """{file name: [(folder relative to ref_dir, path), ...]} of every instance mask (`*_seg-vert_msk.nii[.gz]`)
+  under `ref_dir`, searched once. Names repeat across subjects' folders, so each keeps its folder."""
+  root = pathlib.Path(ref_dir)
+  found: dict[str, list] = {}
+  for path in sorted(root.rglob("*_seg-vert_msk.nii*")):
     if path.is_file() and path.name.endswith(REFERENCE_SUFFIXES):
-      found.setdefault(path.name, path)
+      found.setdefault(path.name, []).append((path.parent.relative_to(root), path))
   return found
 
 
-def find_reference(references: dict, stem: str, exclude=()) -> pathlib.Path | None:
+def find_reference(references: dict, stem: str, folder=None, exclude=()) -> pathlib.Path | None:
   """A scan's reference instance mask from `index_references`: `<stem>_seg-vert_msk.nii[.gz]`, or the same
   with the stem's last BIDS suffix dropped (sub-01_T2w -> sub-01_seg-vert_msk.nii.gz), as derivatives
-  are often named. Paths in `exclude` (our own outputs, when the folders are one) never count."""
+  are often named. Of several with that name, the one in `folder` (the scan's folder relative to its
+  input root); a name found in several other folders matches none. Paths in `exclude` (our own
+  outputs, when the folders are one) never count."""
   head, _, last = stem.rpartition("_")
   stems = [stem] + ([head] if head and "-" not in last else [])
   excluded = {pathlib.Path(p).resolve() for p in exclude}
   for name in (s + suffix for s in stems for suffix in REFERENCE_SUFFIXES):
-    if name in references and references[name].resolve() not in excluded:
-      return references[name]
+    candidates = [(where, path) for where, path in references.get(name, ()) if path.resolve() not in excluded]
+    if folder is not None:
+      here = [path for where, path in candidates if where == pathlib.PurePath(folder)]
+      if here:
+        return here[0]
+    if len(candidates) == 1:
+      return candidates[0][1]
   return None

@@ -5,6 +5,8 @@ score slices and decide vertebrae the same way.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import numpy as np
 
@@ -60,11 +62,19 @@ def load_classifier(checkpoint, mesh=None):
   return restore.load_for_inference(checkpoint, "mtl", mesh)
 
 
-def classify_ct(state, config, mesh, image_path, mask_path, *, scheme: str, labels=None) -> list[dict]:
+class CTClassification(NamedTuple):
+  """`classify_ct`'s result: a report per vertebra, and the mask's labels that name no vertebra of the
+  scheme (TotalSegmentator's organs, SPINEPS' discs and endplates), which were not classified."""
+  vertebrae: list[dict]
+  ignored_labels: list[int]
+
+
+def classify_ct(state, config, mesh, image_path, mask_path, *, scheme: str, labels=None) -> CTClassification:
   """Every labelled vertebra of a CT (or those in `labels`): bone quality, posterolateral involvement, SINS.
 
   The CT and its mask are checked to share a grid and taken to RAS; each vertebra's axial slices are
   cut exactly as in training, classified, and decided by the slice -> vertebra rules of config.eval.
+  A mask whose labels imply the other numbering scheme is refused (`levels.split_mask_labels`).
   """
   from spine_jax.data import levels as levels_lib
   from spine_jax.data import nifti
@@ -73,14 +83,19 @@ def classify_ct(state, config, mesh, image_path, mask_path, *, scheme: str, labe
 
   scan = nifti.load_image_and_mask(image_path, mask_path)
   present = [int(v) for v in np.unique(scan.mask) if v != 0]
+  known, ignored = levels_lib.split_mask_labels(present, scheme, source=f"mask {mask_path}")
   if labels:
-    missing = [int(v) for v in labels if int(v) not in present]
+    wanted = [int(v) for v in labels]
+    missing = [v for v in wanted if v not in present]
     if missing:
       raise slices_lib.SliceError(f"mask {mask_path}: label(s) {missing} are absent (present: {present})")
-    wanted = [int(v) for v in labels]
+    not_vertebrae = [v for v in wanted if v not in known]
+    if not_vertebrae:
+      raise slices_lib.SliceError(f"mask {mask_path}: label(s) {not_vertebrae} name no vertebra in the {scheme!r} "
+                                  f"numbering (its vertebra labels present: {known})")
+    ignored = sorted(set(present) - set(wanted))
   else:
-    known = levels_lib.scheme_labels(scheme)
-    wanted = [v for v in present if v in known]
+    wanted = known
     if not wanted:
       raise slices_lib.SliceError(f"mask {mask_path}: no vertebra label of the {scheme!r} numbering "
                                   f"(labels present: {present})")
@@ -112,4 +127,4 @@ def classify_ct(state, config, mesh, image_path, mask_path, *, scheme: str, labe
     if q is not None and pl is not None:
       row["sins"] = sins.partial_sins(level, q, pl)
     rows.append(row)
-  return rows
+  return CTClassification(rows, ignored)

@@ -43,6 +43,8 @@ from spine_jax.metrics import segmentation as seg_metrics
 from spine_jax.metrics.classification import nan_to_none
 
 INSTANCE_GROUPS = {'vertebrae': (1, 99), 'discs': (100, 199), 'endplates': (200, 299)}  # inclusive id ranges
+# Every id a SPINEPS instance mask can hold: a vertebra X, the disc below it 100 + X, its endplate 200 + X.
+KNOWN_INSTANCE_IDS = frozenset(offset + v for v in levels_lib.scheme_labels('spineps') for offset in (0, 100, 200))
 CSV_COLUMNS = ('group', 'pairing', 'ref_id', 'pred_id', 'name', 'dice', 'iou', 'assd_mm', 'ref_voxels', 'pred_voxels')
 
 
@@ -215,6 +217,9 @@ def compare_instance_files(pred_path, ref_path, groups=None, *, iou_threshold: f
   pred, pred_affine, _ = nifti.load_mask(pred_path)
   ref, ref_affine, _ = nifti.load_mask(ref_path)
   nifti.check_same_grid(pred_path, pred_affine, pred.shape, ref_path, ref_affine, ref.shape)
+  for path, mask in ((pred_path, pred), (ref_path, ref)):
+    seg_metrics.check_known_labels(mask, KNOWN_INSTANCE_IDS, path,
+                                   'SPINEPS instance ids (vertebrae 1-28, discs 100 + X, endplates 200 + X)')
   report = instance_report(pred, ref, nifti.spacing_from_affine(pred_affine), groups, iou_threshold=iou_threshold,
                            with_assd=with_assd)
   return {'pred': str(pred_path), 'ref': str(ref_path), **report}

@@ -129,6 +129,17 @@ def assd_per_label(pred: np.ndarray, ref: np.ndarray, spacing, labels: Sequence[
   return {int(label): assd(pred == label, ref == label, spacing) for label in labels}
 
 
+def check_known_labels(mask: np.ndarray, known, path, what: str) -> None:
+  """Raise NiftiError naming `path` when `mask` holds labels outside `known` (an image given as a mask,
+  or a mask of another kind): listing at most a few of them, and how many there are."""
+  present = np.unique(mask)
+  unknown = np.setdiff1d(present, np.asarray(sorted(set(int(k) for k in known) | {0})))
+  if unknown.size:
+    shown = ', '.join(str(int(v)) for v in unknown[:8]) + (', ...' if unknown.size > 8 else '')
+    raise nifti.NiftiError(f'{path}: {unknown.size} label value(s) ({shown}) are not {what}; is it an image or '
+                           f'a mask of another kind?')
+
+
 def label_name(label: int) -> str:
   """The SPINEPS semantic name of a label id, else 'label_<id>'."""
   return SEMANTIC_LABEL_NAMES.get(int(label), f'label_{int(label)}')
@@ -168,13 +179,17 @@ def compare_files(pred_path, ref_path, labels: Sequence[int] | None = None,
                   groups: Mapping[str, Sequence[int]] | None = None) -> dict:
   """Load two label NIfTIs on the same grid (checked) and return their `segmentation_report`.
 
-  `labels` defaults to every non-zero label in either file; names default to `label_name`;
+  `labels` defaults to every non-zero label in either file, which must then be SPINEPS semantic ids
+  (or named in `label_names`): an image given as a mask is refused; names default to `label_name`;
   `groups` to the SPINEPS semantic groups that contain a scored label.
   """
   pred, pred_affine, _ = nifti.load_mask(pred_path)
   ref, ref_affine, _ = nifti.load_mask(ref_path)
   nifti.check_same_grid(pred_path, pred_affine, pred.shape, ref_path, ref_affine, ref.shape)
   if labels is None:
+    known = set(label_names or {}) | set(SEMANTIC_LABEL_NAMES)
+    for path, mask in ((pred_path, pred), (ref_path, ref)):
+      check_known_labels(mask, known, path, 'SPINEPS semantic ids (pass --labels to score other ids)')
     labels = sorted((set(np.unique(pred).tolist()) | set(np.unique(ref).tolist())) - {0})
   labels = [int(label) for label in labels]
   names = {label: (label_names or {}).get(label, label_name(label)) for label in labels}

@@ -17,6 +17,15 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
+class CheckpointError(ValueError):
+  """A path that is no usable checkpoint: absent, not a checkpoint, incomplete or unreadable, or of another task."""
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
 def manager(workdir, *, max_to_keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
                                          enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
@@ -40,7 +49,11 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, data_iter=None, step: i
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise many kinds; the user needs the folder
+    raise CheckpointError(f"checkpoint {pathlib.Path(mngr.directory) / str(step)} cannot be restored into this "
+                          f"config's model (damaged, or written for another model): {_first_line(e)}") from e
   if data_iter is not None:
     data_iter.set_state(iterator_state(pathlib.Path(mngr.directory) / str(step) / "data_iter",
                                        jax.process_index(), jax.process_count()))
@@ -92,7 +105,7 @@ def find_checkpoint(path) -> tuple[pathlib.Path, int]:
   """Accepts a work directory, its checkpoints/ folder, or one step folder; returns (checkpoints dir, step)."""
   path = pathlib.Path(path).absolute()
   if not path.exists():
-    raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    raise CheckpointError(f"checkpoint path {path} does not exist")
   for root in (path / "checkpoints", path):
     if root.is_dir():
       steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").exists())
@@ -100,7 +113,7 @@ def find_checkpoint(path) -> tuple[pathlib.Path, int]:
         return root, steps[-1]
   if path.name.isdigit() and (path / "state").exists():
     return path.parent, int(path.name)
-  raise FileNotFoundError(f"no spine_jax checkpoint (a step folder with 'state') under {path}")
+  raise CheckpointError(f"no spine_jax checkpoint (a step folder with 'state') under {path}")
 
 
 def load_config(path) -> tuple[ml_collections.ConfigDict, pathlib.Path, int]:
@@ -110,13 +123,24 @@ def load_config(path) -> tuple[ml_collections.ConfigDict, pathlib.Path, int]:
   if not cfg_file.exists():
     candidates = list((root / str(step) / "config").glob("*"))
     if not candidates:
-      raise FileNotFoundError(f"checkpoint {root / str(step)} holds no config")
+      raise CheckpointError(f"checkpoint {root / str(step)} holds no config")
     cfg_file = candidates[0]
-  return ml_collections.ConfigDict(json.loads(cfg_file.read_text())), root, step
+  try:
+    return ml_collections.ConfigDict(json.loads(cfg_file.read_text())), root, step
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"checkpoint {root / str(step)}: its config {cfg_file} is not readable JSON ({e})") from None
 
 
 def restore_state_for_inference(root: pathlib.Path, step: int, abstract_state):
-  mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_names=("state", "data_iter", "config"))
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager neither saves nor creates
+  try:
+    mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
+                                 item_names=("state", "data_iter", "config"))
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise many kinds; the user needs the folder
+    raise CheckpointError(f"checkpoint {root / str(step)} cannot be read (damaged or incomplete): "
+                          f"{_first_line(e)}") from e
+  finally:
+    logging.set_verbosity(verbosity)
   return restored["state"]

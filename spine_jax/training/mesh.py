@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from spine_jax.config_variants import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -35,8 +37,9 @@ def batch_sharding(mesh) -> NamedSharding:
 def local_batch_size(global_batch_size: int, mesh) -> int:
   """The share of the global batch that this process loads."""
   n_dev = mesh.devices.size
-  if global_batch_size % n_dev:
-    raise ValueError(f"batch_size {global_batch_size} is not divisible by the {n_dev} devices of the mesh")
+  if global_batch_size < 1 or global_batch_size % n_dev:
+    raise ConfigError(f"config.batch_size {global_batch_size}: must be a positive multiple of the {n_dev} "
+                      f"device(s) of the mesh")
   return global_batch_size // jax.process_count()
 
 

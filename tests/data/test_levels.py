@@ -52,3 +52,15 @@ def test_cranio_caudal_order():
 def test_errors_are_clear(call, match):
   with pytest.raises(levels.LevelError, match=match):
     call()
+
+
+def test_split_mask_labels_refuses_the_other_numbering():
+  assert levels.split_mask_labels([0, 20, 21, 120, 221], "spineps") == ([20, 21], [120, 221])
+  assert levels.split_mask_labels([1, 5, 26, 27, 33], "totalsegmentator") == ([26, 27, 33], [1, 5])
+  with pytest.raises(levels.LevelError, match=r"m\.nii: labels \[29, 30\] are not SPINEPS vertebra ids.*"
+                                              r"--scheme=totalsegmentator"):
+    levels.split_mask_labels([26, 28, 29, 30], "spineps", source="m.nii")
+  with pytest.raises(levels.LevelError, match=r"SPINEPS semantic mask"):
+    levels.split_mask_labels([41, 49, 60], "spineps")
+  with pytest.raises(levels.LevelError, match=r"--scheme=spineps"):
+    levels.split_mask_labels([18, 19, 20], "totalsegmentator")

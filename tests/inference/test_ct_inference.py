@@ -3,6 +3,7 @@ import csv
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -70,8 +71,10 @@ def test_real_ct_report_from_the_command_line(smoke_run, example_ct_dir, tmp_pat
 
 def test_pairs_run_reports_a_failure_and_goes_on(smoke_run, example_ct_dir, tmp_path):
   pairs = tmp_path / "pairs.csv"
+  (tmp_path / "a").mkdir()
+  shutil.copy(example_ct_dir / "example_ct.nii.gz", tmp_path / "a")  # one image per row: outputs never collide
   pairs.write_text("image,mask\n"
-                   f"{example_ct_dir / 'example_ct.nii.gz'},{example_ct_dir / 'missing_mask.nii.gz'}\n"
+                   f"a/example_ct.nii.gz,{example_ct_dir / 'missing_mask.nii.gz'}\n"
                    f"{example_ct_dir / 'example_ct.nii.gz'},{example_ct_dir / 'totalseg.nii.gz'}\n")
   out_dir = tmp_path / "out"
   cmd = [sys.executable, "-m", "spine_jax.predict", "ct", f"--checkpoint={smoke_run}", f"--pairs={pairs}",
@@ -98,8 +101,8 @@ def test_bad_inputs_name_the_file(classifier, small_scan):
   tmp, image, mask, affine = small_scan
   img = _write(tmp / "ct.nii.gz", image, affine)
   msk = _write(tmp / "seg.nii.gz", mask, affine)
-  rows = vertebrae.classify_ct(state, config, mesh, img, msk, scheme="spineps")
-  assert [r["level"] for r in rows] == ["L1"] and rows[0]["num_slices"] == 8
+  rows, ignored = vertebrae.classify_ct(state, config, mesh, img, msk, scheme="spineps")
+  assert [r["level"] for r in rows] == ["L1"] and rows[0]["num_slices"] == 8 and ignored == []
 
   with pytest.raises(nifti.NiftiError, match="nope.nii.gz"):
     vertebrae.classify_ct(state, config, mesh, tmp / "nope.nii.gz", msk, scheme="spineps")
@@ -126,3 +129,46 @@ def test_failed_run_writes_no_report(smoke_run, tmp_path):
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert out.returncode != 0 and "absent.nii.gz" in out.stderr
   assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def _predict_ct(*args):
+  return subprocess.run([sys.executable, "-m", "spine_jax.predict", "ct", *map(str, args)], capture_output=True,
+                        text=True, cwd=ROOT, timeout=300)
+
+
+def test_mask_in_the_other_numbering_is_refused(smoke_run, example_ct_dir, tmp_path):
+  """TotalSegmentator's labels read as SPINEPS' would give T13 and S1 where L4 and S1 are: refused, named."""
+  out = _predict_ct(f"--checkpoint={smoke_run}", f"--image={example_ct_dir / 'example_ct.nii.gz'}",
+                    f"--mask={example_ct_dir / 'totalseg.nii.gz'}", "--scheme=spineps", f"--output={tmp_path / 'o'}")
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert "totalseg.nii.gz: labels [27, 29, 30, 31, 32, 33] are not SPINEPS vertebra ids" in out.stderr
+  assert "--scheme=totalsegmentator" in out.stderr
+  assert not [p for p in (tmp_path / "o").rglob("*")]
+
+
+def test_pairs_with_repeated_names_keep_their_folders(smoke_run, example_ct_dir, tmp_path):
+  for sub in ("a", "b"):
+    (tmp_path / sub).mkdir()
+    shutil.copy(example_ct_dir / "example_ct.nii.gz", tmp_path / sub / "ct.nii.gz")
+    shutil.copy(example_ct_dir / "totalseg.nii.gz", tmp_path / sub / "seg.nii.gz")
+  (tmp_path / "pairs.csv").write_text("image,mask\na/ct.nii.gz,a/seg.nii.gz\nb/ct.nii.gz,b/seg.nii.gz\n")
+  out = _predict_ct(f"--checkpoint={smoke_run}", f"--pairs={tmp_path / 'pairs.csv'}", "--scheme=totalsegmentator",
+                    "--labels=29", f"--output={tmp_path / 'o'}")
+  assert out.returncode == 0, out.stderr[-2000:]
+  for sub in ("a", "b"):
+    report = json.loads((tmp_path / "o" / sub / "ct_vertebrae.json").read_text())
+    assert report["image"] == str(tmp_path / sub / "ct.nii.gz") and report["ignored_labels"] == [26, 27, 28, 30, 31,
+                                                                                                 32, 33]
+  assert "labels not classified" in out.stdout
+
+
+def test_damaged_checkpoint_is_one_line(smoke_run, tmp_path):
+  damaged = tmp_path / "run"
+  shutil.copytree(smoke_run / "checkpoints", damaged / "checkpoints")
+  for f in (damaged / "checkpoints").rglob("*"):
+    if f.is_file() and "state" in f.parts and f.stat().st_size > 64:
+      f.write_bytes(b"\0" * 64)
+  out = _predict_ct(f"--checkpoint={damaged}", "--image=a.nii.gz", "--mask=b.nii.gz", f"--output={tmp_path / 'o'}")
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: checkpoint ") and "cannot be read" in lines[0]

@@ -181,3 +181,97 @@ def test_reference_found_by_name(tmp_path):
   assert spine.parse_first_vertebra(None) is None
   with pytest.raises(ValueError):
     spine.parse_first_vertebra("X9")
+
+
+def _run_predict(command, *args):
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+             JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir))
+  return subprocess.run([sys.executable, "-m", "spine_jax.predict", command, *args], capture_output=True, text=True,
+                        cwd=ROOT, timeout=600, env=env)
+
+
+def _copy_scan(image_path, target, shift=0):
+  """The phantom scan at `target`; `shift` changes one voxel, so the copy is another input."""
+  img = nib.load(str(image_path))
+  data = np.asarray(img.dataobj).copy()
+  data.flat[0] += shift
+  target.parent.mkdir(parents=True, exist_ok=True)
+  nib.save(nib.Nifti1Image(data, img.affine, img.header), str(target))
+  return target
+
+
+def test_semantic_batch_keeps_folders_of_repeated_names_and_resumes_per_input(runs, scans, tmp_path):
+  (sem_run, _), (_, image_path) = runs, scans
+  inputs = tmp_path / "in"
+  first = _copy_scan(image_path, inputs / "sub-01" / "anat" / "T2w.nii.gz")
+  second = _copy_scan(image_path, inputs / "sub-02" / "anat" / "T2w.nii.gz", shift=1)
+  out = tmp_path / "out"
+  args = [f"--checkpoint={sem_run}", f"--input={inputs}", f"--output={out}", "--disable_tta"]
+  run = _run_predict("semantic", *args)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "2 segmented, 0 already done, 0 failed" in run.stdout
+  masks = [out / sub / "anat" / "T2w_seg-spine_msk.nii.gz" for sub in ("sub-01", "sub-02")]
+  pictures = [out / sub / "anat" / "T2w_seg-spine_snp.png" for sub in ("sub-01", "sub-02")]
+  assert all(p.is_file() for p in masks + pictures)
+  again = _run_predict("semantic", *args)
+  assert again.returncode == 0 and "0 segmented, 2 already done, 0 failed" in again.stdout
+  pictures[1].unlink()  # as after an interruption between the two outputs: not done
+  third = _run_predict("semantic", *args)
+  assert third.returncode == 0 and "1 segmented, 1 already done, 0 failed" in third.stdout
+  assert pictures[1].is_file()
+
+  # One file at a time into one folder: the second file's outputs would replace the first's. Refused.
+  flat = tmp_path / "flat"
+  assert _run_predict("semantic", f"--checkpoint={sem_run}", f"--input={first}", f"--output={flat}",
+                      "--disable_tta").returncode == 0
+  kept = (flat / "T2w_seg-spine_msk.nii.gz").read_bytes()
+  other = _run_predict("semantic", f"--checkpoint={sem_run}", f"--input={second}", f"--output={flat}",
+                       "--disable_tta")
+  assert other.returncode == 1 and "was not made from this file" in other.stderr and "--overwrite" in other.stderr
+  assert "Traceback" not in other.stderr
+  assert (flat / "T2w_seg-spine_msk.nii.gz").read_bytes() == kept
+  assert not [p for p in flat.iterdir() if p.name.startswith(".")]
+
+
+def test_spine_batch_never_overwrites_a_repeated_name(runs, scans, tmp_path):
+  (sem_run, inst_run), (_, image_path) = runs, scans
+  inputs = tmp_path / "in"
+  _copy_scan(image_path, inputs / "sub1" / "dup_T2w.nii.gz")
+  _copy_scan(image_path, inputs / "sub2" / "dup_T2w.nii.gz", shift=1)
+  out = tmp_path / "out"
+  run = _run_predict("spine", f"--semantic_checkpoint={sem_run}", f"--instance_checkpoint={inst_run}",
+                     f"--input={inputs}", f"--output={out}", "--disable_tta")
+  assert run.returncode == 0, run.stderr[-3000:]
+  for sub in ("sub1", "sub2"):
+    paths = spine.output_paths(out / sub, "dup_T2w")
+    assert all(p.is_file() for p in paths.values()), sub
+    ctd = json.loads(paths["centroids"].read_text())
+    assert ctd["input"] == str(inputs / sub / "dup_T2w.nii.gz") and len(ctd["input_sha256"]) == 64
+
+
+def test_clashing_names_are_refused_before_any_work(runs, scans, tmp_path):
+  (sem_run, _), (_, image_path) = runs, scans
+  inputs = tmp_path / "in"
+  _copy_scan(image_path, inputs / "scan.nii.gz")
+  _copy_scan(image_path, inputs / "scan.nii")
+  out = tmp_path / "out"
+  run = _run_predict("semantic", f"--checkpoint={sem_run}", f"--input={inputs}", f"--output={out}")
+  assert run.returncode == 1 and "Traceback" not in run.stderr
+  assert run.stderr.startswith("error: inputs would write the same outputs") and "scan.nii.gz" in run.stderr
+  assert "scan.nii " in run.stderr and not out.exists()
+
+
+def test_blank_scan_is_reported(runs, tmp_path):
+  sem_run, _ = runs
+  nib.save(nib.Nifti1Image(np.zeros((32, 64, 16), np.int16), np.diag([1.0, 1.0, 3.0, 1.0])),
+           str(tmp_path / "blank.nii.gz"))
+  run = _run_predict("semantic", f"--checkpoint={sem_run}", f"--input={tmp_path / 'blank.nii.gz'}",
+                     f"--output={tmp_path / 'out'}", "--disable_tta")
+  assert run.returncode == 0 and "Traceback" not in run.stderr
+  assert "warning: " in run.stdout and "the input image is blank (every voxel is 0)" in run.stdout
+
+
+def test_blank_image_message():
+  assert spine.blank_image_message(np.zeros((4, 4, 4))) == ("the input image is blank (every voxel is 0): "
+                                                            "nothing to segment")
+  assert spine.blank_image_message(np.arange(8.0).reshape(2, 2, 2)) is None

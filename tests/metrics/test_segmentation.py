@@ -145,3 +145,25 @@ def test_compare_files_and_main(tmp_path, capsys):
   assert seg.main([f'--pred={q}', f'--ref={r}']) == 1
   assert seg.main([f'--pred={tmp_path / "missing.nii.gz"}', f'--ref={r}']) == 1
   assert 'file not found' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["seg", "instances"])
+def test_evaluate_refuses_an_image_given_as_a_mask(command, tmp_path):
+  """A CT (negative values) or an MRI (intensities far beyond any label id) as --pred: one clear error."""
+  import subprocess
+  import sys
+  affine = np.diag([1.0, 1.0, 1.0, 1.0])
+  ref = np.zeros((8, 8, 8), np.uint8)
+  ref[2:6, 2:6, 2:6] = 49 if command == "seg" else 20
+  nib.save(nib.Nifti1Image(ref, affine), str(tmp_path / "ref.nii.gz"))
+  ct = np.random.default_rng(0).integers(-1000, 1500, (8, 8, 8)).astype(np.int16)
+  mri = np.random.default_rng(1).integers(0, 900, (8, 8, 8)).astype(np.int16)
+  nib.save(nib.Nifti1Image(ct, affine), str(tmp_path / "ct.nii.gz"))
+  nib.save(nib.Nifti1Image(mri, affine), str(tmp_path / "mri.nii.gz"))
+  for name, fragment in (("ct", "negative values"), ("mri", "are not SPINEPS")):
+    run = subprocess.run([sys.executable, "-m", "spine_jax.evaluate", command, f"--pred={tmp_path / name}.nii.gz",
+                          f"--ref={tmp_path / 'ref.nii.gz'}", f"--output={tmp_path / 'r.json'}"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.startswith(f"error: {tmp_path / name}.nii.gz: ") and fragment in run.stderr
+    assert not (tmp_path / "r.json").exists()
