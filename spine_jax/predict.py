@@ -113,10 +113,11 @@ def _print_ct_rows(rows, ignored) -> None:
 
 
 def _report_failures(failures, total: int) -> int:
+  """The failed scans with their reasons, once each, at the end (the run itself names them briefly)."""
   if failures:
     print(f"{len(failures)} of {total} scan(s) failed:", file=sys.stderr)
     for source, e in failures:
-      print(f"  {source}: {e}", file=sys.stderr)
+      print(f"  {e}" if str(source) in str(e) else f"  {source}: {e}", file=sys.stderr)
   return 1 if failures else 0
 
 
@@ -153,7 +154,7 @@ def run_ct() -> int:
       _print_ct_rows(rows, ignored)
     except (ValueError, OSError) as e:  # NiftiError, SliceError, LevelError are ValueErrors
       failures.append((image, e))
-      print(f"[{i}/{len(jobs)}] FAILED {image}", file=sys.stderr, flush=True)
+      print(f"[{i}/{len(jobs)}] FAILED {image.name} (reason at the end)", file=sys.stderr, flush=True)
   return _report_failures(failures, len(jobs))
 
 
@@ -246,7 +247,7 @@ def run_semantic() -> int:
       print(f"  -> {mask_path}", flush=True)
     except (ValueError, OSError, MemoryError) as e:  # NiftiError, VolumeError, LabelError are ValueErrors
       failures.append((job.source, e))
-      print(f"\n[{i}/{len(todo)}] FAILED {job.source}", file=sys.stderr, flush=True)
+      print(f"\n[{i}/{len(todo)}] FAILED {job.source.name} (reason at the end)", file=sys.stderr, flush=True)
   print(f"{segmented} segmented, {skipped} already done, {len(failures)} failed", flush=True)
   return _report_failures(failures, len(jobs))
 
@@ -318,7 +319,7 @@ def run_spine() -> int:
                                     input_digest=digests[job])
       except (ValueError, OSError, RuntimeError, MemoryError) as e:  # bad files; a scan too large for the device
         failures.append((job.source, e))
-        print(f"\nFAILED {job.source}", file=sys.stderr, flush=True)
+        print(f"\nFAILED {job.source.name} (reason at the end)", file=sys.stderr, flush=True)
         continue
       segmented += 1
       if not result["centroids"]["vertebrae"]:

@@ -19,13 +19,15 @@ from ml_collections import config_flags
 
 from spine_jax import cli
 from spine_jax.config_variants import ConfigError
+from spine_jax.conversion.errors import ConversionError
 from spine_jax.data.manifest import ManifestError
 from spine_jax.data.nifti import NiftiError
 from spine_jax.training import loop
 from spine_jax.training.checkpoints import CheckpointError
 
-# A user's mistake (config values, data, manifests, checkpoints, the work directory): one line, exit 1.
-USER_ERRORS = (ConfigError, ManifestError, NiftiError, CheckpointError, OSError)
+# A user's mistake (config values, data, manifests, checkpoints, weights to start from, the work
+# directory): one line, exit 1.
+USER_ERRORS = (ConfigError, ManifestError, NiftiError, CheckpointError, ConversionError, OSError)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:variant]).",
                                           lock_config=True)

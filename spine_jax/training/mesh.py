@@ -37,9 +37,11 @@ def batch_sharding(mesh) -> NamedSharding:
 def local_batch_size(global_batch_size: int, mesh) -> int:
   """The share of the global batch that this process loads."""
   n_dev = mesh.devices.size
-  if global_batch_size < 1 or global_batch_size % n_dev:
+  if global_batch_size < 1:
     raise ConfigError(f"config.batch_size {global_batch_size}: must be a positive multiple of the {n_dev} "
                       f"device(s) of the mesh")
+  if global_batch_size % n_dev:
+    raise ConfigError(f"config.batch_size {global_batch_size} is not divisible by the {n_dev} devices of the mesh")
   return global_batch_size // jax.process_count()
 
 
