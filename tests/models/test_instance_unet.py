@@ -201,9 +201,10 @@ def test_names_shapes_and_count_match_pytorch(package, dim, channels):
 
 @pytest.mark.parametrize('conv', ['xla', 'sliced'])
 def test_outputs_match_pytorch(conv):
+  unet3d = spineps_unet3d('architectures_new')  # skips without torch or spineps
   import torch
   torch.manual_seed(0)
-  net = spineps_unet3d('architectures_new')(dim=8, dim_mults=(1, 2, 4), out_dim=4, channels=10).eval()
+  net = unet3d(dim=8, dim_mults=(1, 2, 4), out_dim=4, channels=10).eval()
   with torch.no_grad():  # non-trivial norm affines and biases, so a swapped or dropped one would show
     for k, v in net.state_dict().items():
       if '.norm.' in k:
