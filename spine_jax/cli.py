@@ -34,12 +34,17 @@ def _one_line_usage_errors(main: Callable, program: str) -> Callable:
   return wrapped
 
 
+def flag_error(e: flags.Error) -> str:
+  """What a flag that does not parse prints."""
+  return f"error: {e}\n(--helpshort lists the flags)"
+
+
 def parse_flags(argv):
   """absl's flag parsing, with a flag that does not parse reported on one line."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f"error: {e}\n(--helpshort lists the flags)")
+    sys.exit(flag_error(e))
 
 
 def run(main: Callable, program: str, flags_parser: Callable = parse_flags) -> None:

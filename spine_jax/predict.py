@@ -135,13 +135,11 @@ def run_ct() -> int:
     root = None
   else:
     raise app.UsageError("ct needs --image and --mask, or --pairs")
-  masks = dict(zip((image for image, _ in pairs), (mask for _, mask in pairs)))
   jobs = batch.plan_jobs([image for image, _ in pairs], _OUTPUT.value, root=root, name=_NAME.value)
   batch.check_output_dir(_OUTPUT.value)
   state, config, mesh = vertebrae.load_classifier(_CHECKPOINT.value)
   failures = []
-  for i, job in enumerate(jobs, 1):
-    image, mask = job.source, masks[job.source]
+  for i, (job, (image, mask)) in enumerate(zip(jobs, pairs), 1):  # plan_jobs keeps the order
     try:
       rows, ignored = vertebrae.classify_ct(state, config, mesh, image, mask, scheme=_SCHEME.value,
                                             labels=_LABELS.value)
@@ -216,7 +214,6 @@ def run_semantic() -> int:
   from spine_jax.data import nifti
   from spine_jax.inference import restore
   from spine_jax.inference import semantic
-  from spine_jax.inference import spine
   from spine_jax.reports import pictures
 
   if not (_CHECKPOINT.value and _INPUT.value and _OUTPUT.value):
@@ -236,7 +233,7 @@ def run_semantic() -> int:
     mask_path, png_path = outputs(job)
     try:
       result = semantic.segment_file(state, config, mesh, job.source, logits_fn=logits_fn, progress=progress.windows)
-      blank = spine.blank_image_message(result.model_image)
+      blank = semantic.blank_image_message(result.model_image)
       if blank or not np.any(result.mask):
         print(f"\n  warning: {job.source}: {blank or 'no spine structure found (not a spine T2w scan?)'}", flush=True)
       # The picture first: the mask, which records the input, marks the scan done.
@@ -257,8 +254,8 @@ def _reference(spine, job, paths: dict, references: dict | None, root):
     return pathlib.Path(_REF_INSTANCE.value)
   if references is None:
     return None
-  folder = job.out_dir.relative_to(pathlib.Path(_OUTPUT.value)) if root is not None else None
-  return spine.find_reference(references, job.stem, folder=folder, exclude=paths.values())
+  return spine.find_reference(references, job.stem, folder=job.folder if root is not None else None,
+                              exclude=paths.values())
 
 
 def _report_metrics(scan, vert_path, ref) -> dict:

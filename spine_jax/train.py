@@ -78,7 +78,7 @@ def parse_flags(argv):
       if what and what.group(1) == ConfigError.__name__:
         sys.exit(f"error: {what.group(2)}")
       sys.exit(f"error: {text.splitlines()[0].rstrip(':')}: {last}")
-    sys.exit(f"error: {e}\n(--helpshort lists the flags)")
+    sys.exit(cli.flag_error(e))
 
 
 def wants_distributed() -> bool:

@@ -192,9 +192,12 @@ def load_image_and_mask(image_path, mask_path, axcodes=RAS, atol: float = 1e-3) 
   return ImageAndMask(image, mask, affine, spacing_from_affine(affine), reo, header)
 
 
+NIFTI_SUFFIXES = ('.nii.gz', '.nii')  # longest first: what a file name ends in, lower case
+
+
 def _nifti_suffix(path: pathlib.Path) -> str:
   name = path.name.lower()
-  for suffix in ('.nii.gz', '.nii'):
+  for suffix in NIFTI_SUFFIXES:
     if name.endswith(suffix):
       return suffix
   raise NiftiError(f'{path}: a NIfTI file name must end in .nii or .nii.gz')

@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import pathlib
+import tempfile
 from typing import Iterable
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
+from spine_jax.data import nifti
+
 # The outputs of a scan, SPINEPS' derivative names after the input's stem (`predict semantic` writes the
 # semantic mask and snapshot, `predict spine` all four).
 OUTPUT_SUFFIXES = {"semantic": "_seg-spine_msk.nii.gz", "instance": "_seg-vert_msk.nii.gz",
@@ -29,7 +31,7 @@ class BatchError(ValueError):
 def scan_stem(path) -> str:
   """The input's name without .nii / .nii.gz (any case); outputs append BIDS-derivative suffixes to it."""
   name = pathlib.Path(path).name
-  for suffix in NIFTI_SUFFIXES:
+  for suffix in nifti.NIFTI_SUFFIXES:
     if name.lower().endswith(suffix):
       return name[: -len(suffix)]
   return pathlib.Path(path).stem
@@ -42,7 +44,7 @@ def find_scans(path) -> list[pathlib.Path]:
     return [path]
   if not path.is_dir():
     raise BatchError(f"--input {path}: no such file or folder")
-  scans = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)
+  scans = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(nifti.NIFTI_SUFFIXES)
                  and "_seg-" not in p.name)
   if not scans:
     raise BatchError(f"--input {path}: no .nii or .nii.gz files in this folder or below")
@@ -57,10 +59,12 @@ def input_root(path) -> pathlib.Path | None:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  """One input and where its outputs go: `out_dir / (stem + suffix)`."""
+  """One input and where its outputs go: `out_dir / (stem + suffix)`, with `out_dir` = --output / `folder`
+  (the input's folder relative to the input root; '.' for an input outside it, or without one)."""
   source: pathlib.Path
   out_dir: pathlib.Path
   stem: str
+  folder: pathlib.PurePath = pathlib.PurePath()
 
   def path(self, suffix: str) -> pathlib.Path:
     return self.out_dir / f"{self.stem}{suffix}"
@@ -82,9 +86,8 @@ def check_output_dir(output) -> pathlib.Path:
     raise BatchError(f"--output {path}: is a file, not a folder")
   try:
     path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".spine_jax_write_test.{id(path)}"
-    probe.write_bytes(b"")
-    probe.unlink()
+    with tempfile.TemporaryFile(dir=path):
+      pass
   except OSError as e:
     raise BatchError(f"--output {path}: cannot write there ({e.strerror or e})") from None
   return path
@@ -101,14 +104,11 @@ def plan_jobs(sources: Iterable[pathlib.Path], output, root=None, name: str | No
   base = pathlib.Path(root).resolve() if root is not None else None
   jobs = []
   for source in sources:
-    relative = pathlib.Path()
-    if base is not None:
-      try:
-        relative = source.resolve().parent.relative_to(base)
-      except ValueError:
-        relative = pathlib.Path()
+    folder = pathlib.PurePath()
+    if base is not None and source.resolve().is_relative_to(base):
+      folder = pathlib.PurePath(source.resolve().parent.relative_to(base))
     stem = check_name(name) if name is not None else scan_stem(source)
-    jobs.append(Job(source, output / relative, stem))
+    jobs.append(Job(source, output / folder, stem, folder))
   seen: dict[tuple[str, str], Job] = {}
   clashes = []
   for job in jobs:

@@ -78,3 +78,11 @@ def segment_file(state, config, mesh, path, *, logits_fn=None, progress=None) ->
                          progress=progress)
   result.header = header
   return result
+
+
+def blank_image_message(image: np.ndarray) -> str | None:
+  """A warning when the scan holds one value everywhere (all zero, say): nothing to segment."""
+  image = np.asarray(image)
+  if image.size and float(image.min()) == float(image.max()):
+    return f"the input image is blank (every voxel is {float(image.min()):g}): nothing to segment"
+  return None

@@ -53,14 +53,6 @@ class Model:
   checkpoint: str
 
 
-def blank_image_message(image: np.ndarray) -> str | None:
-  """A warning when the scan holds one value everywhere (all zero, say): nothing to segment."""
-  image = np.asarray(image)
-  if image.size and float(image.min()) == float(image.max()):
-    return f"the input image is blank (every voxel is {float(image.min()):g}): nothing to segment"
-  return None
-
-
 def load_spine_models(semantic_checkpoint, instance_checkpoint, mesh=None) -> tuple[Model, Model]:
   """(semantic model, instance model) from two training work directories or checkpoint folders, on one mesh."""
   mesh = mesh or mesh_lib.make_mesh()
@@ -146,7 +138,7 @@ def segment_spine(image: np.ndarray, affine: np.ndarray, semantic_model: Model, 
   predict = _counting(instance_model.fn, lambda d: progress("cutouts", d, None)) if progress else None
   cfg = phase2_config(instance_model, first_vertebra)
   instances, messages = instances_in_input_space(sem.mask, affine, instance_model, cfg, name=name, predict_fn=predict)
-  if blank := blank_image_message(image):
+  if blank := semantic_lib.blank_image_message(image):
     messages = [blank, *messages]
   return {"semantic": sem.mask, "instance": instances, "centroids": instance_lib.centroids(instances, sem.mask, affine),
           "messages": messages}

@@ -22,6 +22,7 @@ from spine_jax.data import spatial
 from spine_jax.data import spine_labels
 from spine_jax.data.phantoms import mri
 from spine_jax.inference import instance
+from spine_jax.inference import semantic as semantic_lib
 from spine_jax.inference import spine
 from spine_jax.metrics import instances as inst_metrics
 from spine_jax.training import loop
@@ -272,6 +273,6 @@ def test_blank_scan_is_reported(runs, tmp_path):
 
 
 def test_blank_image_message():
-  assert spine.blank_image_message(np.zeros((4, 4, 4))) == ("the input image is blank (every voxel is 0): "
+  assert semantic_lib.blank_image_message(np.zeros((4, 4, 4))) == ("the input image is blank (every voxel is 0): "
                                                             "nothing to segment")
-  assert spine.blank_image_message(np.arange(8.0).reshape(2, 2, 2)) is None
+  assert semantic_lib.blank_image_message(np.arange(8.0).reshape(2, 2, 2)) is None
