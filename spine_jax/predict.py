@@ -263,7 +263,7 @@ def _report_metrics(scan, vert_path, ref) -> dict:
   from spine_jax.metrics import instances as instance_metrics
   report = instance_metrics.compare_instance_files(vert_path, ref)
   print(f"  {scan.name} against {ref}:", flush=True)
-  table = instance_metrics._summary(report)  # pylint: disable=protected-access
+  table = instance_metrics.summary_table(report)
   print("\n".join("    " + line for line in table.splitlines()), flush=True)
   return report
 

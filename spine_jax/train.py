@@ -33,6 +33,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file 
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval.json.")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.register_validator("workdir", lambda v: v is None or bool(v.strip()), "--workdir must name a folder")
 
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", None, "Join a multi-process job with jax.distributed.initialize. Default: on when "
@@ -110,6 +111,10 @@ def start_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:  # a config file that failed to load raises on first use, listing the paths tried over several lines
+    _CONFIG.value.get("task")
+  except OSError as e:
+    raise app.UsageError(f"--config: {str(e).strip().splitlines()[-1].strip()}") from None
   logging.set_verbosity(logging.WARNING)  # orbax, grain and jax.distributed are chatty at INFO
   if wants_distributed():
     start_distributed()

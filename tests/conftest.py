@@ -24,3 +24,29 @@ def example_ct_dir():
   if not (EXAMPLE_CT / "example_ct.nii.gz").exists():
     pytest.skip(f"real CT not found at {EXAMPLE_CT} (expected ../shared/data/ beside the project)")
   return EXAMPLE_CT
+
+
+def _smoke_run(tmp_path_factory, config_module: str) -> pathlib.Path:
+  import importlib
+  from spine_jax.training import loop
+  workdir = tmp_path_factory.mktemp(f"{config_module}_smoke_run")
+  loop.train_and_evaluate(importlib.import_module(f"configs.{config_module}").get_config("smoke"), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def ct_smoke_run(tmp_path_factory):
+  """Work directory of the CT multi-task classifier trained for a few steps (smoke config); read-only."""
+  return _smoke_run(tmp_path_factory, "mtl")
+
+
+@pytest.fixture(scope="session")
+def semantic_smoke_run(tmp_path_factory):
+  """Work directory of the semantic (SPINEPS phase 1) U-Net after a few steps (smoke config); read-only."""
+  return _smoke_run(tmp_path_factory, "semantic")
+
+
+@pytest.fixture(scope="session")
+def instance_smoke_run(tmp_path_factory):
+  """Work directory of the instance (SPINEPS phase 2) U-Net after a few steps (smoke config); read-only."""
+  return _smoke_run(tmp_path_factory, "instance")

@@ -23,7 +23,10 @@ os.umask(_UMASK)
 
 
 class NiftiError(ValueError):
-  """A NIfTI file is missing, unreadable or unusable; the message names the file and the fault."""
+  """A NIfTI file is missing, unreadable or unusable; the message names the file and the fault, on one line."""
+
+  def __init__(self, message: str):
+    super().__init__(" ".join(str(message).split()))  # nibabel's and zlib's own messages may span lines
 
 
 def spacing_from_affine(affine: np.ndarray) -> np.ndarray:
@@ -31,15 +34,20 @@ def spacing_from_affine(affine: np.ndarray) -> np.ndarray:
   return np.sqrt(np.square(np.asarray(affine, np.float64)[:3, :3]).sum(axis=0))
 
 
+def _one_line(matrix) -> str:
+  """A matrix as one line of text (error messages are one line each)."""
+  return str(np.round(np.asarray(matrix, np.float64), 4).tolist())
+
+
 def _check_affine(path, affine: np.ndarray) -> None:
   if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-    raise NiftiError(f'{path}: affine is not a finite 4x4 matrix:\n{affine}')
+    raise NiftiError(f'{path}: affine is not a finite 4x4 matrix: {_one_line(affine)}')
   spacing = spacing_from_affine(affine)
   if np.any(spacing <= 0) or not np.all(np.isfinite(spacing)):
     raise NiftiError(f'{path}: voxel spacing {spacing.tolist()} mm (from the affine) must be positive')
   # Collinear axes: the volume of the voxel is tiny compared with the product of its sides.
   if abs(np.linalg.det(affine[:3, :3])) < 1e-6 * np.prod(spacing):
-    raise NiftiError(f'{path}: singular affine (voxel axes are not independent):\n{affine}')
+    raise NiftiError(f'{path}: singular affine (voxel axes are not independent): {_one_line(affine)}')
 
 
 def _read(path, dtype) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
@@ -49,10 +57,16 @@ def _read(path, dtype) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
   if not path.is_file():
     raise NiftiError(f'{path}: not a regular file')
   try:
-    img = nib.load(str(path))
+    with nib.imageglobals.LoggingOutputSuppressor():  # its header fixes are ours to report, as errors
+      img = nib.load(str(path))
     if not isinstance(img, nib.spatialimages.SpatialImage):
       raise TypeError(f'{type(img).__name__} is not a spatial image')
+    _check_claimed_size(path, img)
     array = np.asarray(img.dataobj, dtype=dtype)
+  except NiftiError:
+    raise
+  except MemoryError as e:
+    raise NiftiError(f'{path}: its {tuple(img.shape)} voxels do not fit in this machine\'s free memory') from e
   except Exception as e:  # nibabel, gzip and zlib raise many types for one fault: a bad file.
     raise NiftiError(f'{path}: unreadable, corrupt or truncated image file ({type(e).__name__}: {e})') from e
   while array.ndim > 3 and array.shape[-1] == 1:  # (X, Y, Z, 1) as some converters write 3D scans.
@@ -63,6 +77,22 @@ def _read(path, dtype) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
   _check_header_zooms(path, img)
   _check_affine(path, affine)
   return array, affine, img.header
+
+
+# Deflate expands at most 1032:1, so a .gz file of n bytes holds at most about 1032 n bytes.
+_MAX_GZIP_RATIO = 1032
+
+
+def _check_claimed_size(path, img) -> None:
+  """Refuse a header whose shape needs more voxel bytes than the file can hold (before allocating them)."""
+  shape = tuple(int(n) for n in img.shape)
+  needed = int(np.prod(shape, dtype=np.float64)) * np.dtype(img.get_data_dtype()).itemsize
+  size = path.stat().st_size
+  compressed = path.name.lower().endswith('.gz')
+  room = size * _MAX_GZIP_RATIO if compressed else size - int(getattr(img.dataobj, 'offset', 0))
+  if needed > room:
+    raise NiftiError(f'{path}: header claims shape {shape} ({needed / 2**20:,.1f} MiB of voxels), more than '
+                     f'the {size:,}-byte file {"can hold" if compressed else "holds"}: truncated or a corrupt header')
 
 
 def _check_header_zooms(path, img) -> None:
@@ -120,7 +150,7 @@ def check_same_grid(image_path, image_affine, image_shape, mask_path, mask_affin
   if not np.allclose(image_affine, mask_affine, rtol=0.0, atol=atol):
     diff = float(np.abs(image_affine - mask_affine).max())
     raise NiftiError(f'mask {mask_path} and image {image_path} have different affines (largest difference '
-                     f'{diff:.4g} > {atol}):\nimage:\n{image_affine}\nmask:\n{mask_affine}')
+                     f'{diff:.4g} > {atol}): image {_one_line(image_affine)}, mask {_one_line(mask_affine)}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,14 +23,10 @@ panoptic quality PQ = sum of TP IoUs / (TP + FP / 2 + FN / 2) = SQ (mean TP IoU)
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
-import json
 import math
-import pathlib
-import sys
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -244,7 +240,8 @@ def report_csv(report: dict) -> str:
   return buffer.getvalue()
 
 
-def _summary(report: dict) -> str:
+def summary_table(report: dict) -> str:
+  """The console table of a report."""
   def cell(value, digits):
     return '-' if value is None else f'{value:.{digits}f}'
   lines = [f"{'group':10s} {'n_ref':>5s} {'n_pred':>6s} {'dice_id':>7s} {'dice_ov':>7s} {'assd_mm':>7s} "
@@ -256,52 +253,3 @@ def _summary(report: dict) -> str:
                  f"{cell(d['precision'], 2):>5s} {cell(d['recall'], 2):>6s} {cell(d['f1'], 2):>5s} "
                  f"{cell(pq['pq'], 3):>5s}")
   return '\n'.join(lines)
-
-
-def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog='python -m spine_jax.evaluate instances',
-      description='Per-instance Dice and ASSD (paired by id and by overlap), detection and panoptic quality '
-                  'of a predicted SPINEPS instance mask against a reference on the same grid.')
-  parser.add_argument('command', nargs='?', choices=['instances'], help=argparse.SUPPRESS)
-  parser.add_argument('--pred', required=True, help='predicted instance NIfTI (e.g. *_seg-vert_msk.nii.gz)')
-  parser.add_argument('--ref', required=True, help='reference instance NIfTI on the same grid')
-  parser.add_argument('--output', default=None,
-                      help='report path: .csv for one row per instance, anything else JSON (default: print JSON)')
-  parser.add_argument('--groups', default=','.join(INSTANCE_GROUPS),
-                      help=f'comma-separated groups to score among {", ".join(INSTANCE_GROUPS)}')
-  parser.add_argument('--iou-threshold', type=float, default=0.5, help='detection IoU threshold (>= 0.5)')
-  parser.add_argument('--no-assd', action='store_true', help='skip surface distances')
-  return parser.parse_args(list(argv))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m spine_jax.evaluate instances --pred=P --ref=R [--output=report.json|rows.csv]`.
-
-  `argv` is the argument list after the program name (a leading 'instances' is accepted). Prints
-  a table per group, writes the report atomically (or prints the JSON without --output); returns
-  0, or 1 with the reason on stderr when a file is missing, unreadable or off-grid.
-  """
-  args = _parse_args(sys.argv[1:] if argv is None else argv)
-  names = [g.strip() for g in args.groups.split(',') if g.strip()]
-  unknown = [g for g in names if g not in INSTANCE_GROUPS]
-  if unknown or not names:
-    print(f'--groups must name some of {", ".join(INSTANCE_GROUPS)}, got {args.groups!r}', file=sys.stderr)
-    return 1
-  if args.iou_threshold < 0.5 or args.iou_threshold >= 1:
-    print(f'--iou-threshold must be in [0.5, 1), got {args.iou_threshold}', file=sys.stderr)
-    return 1
-  try:
-    report = compare_instance_files(args.pred, args.ref, {g: INSTANCE_GROUPS[g] for g in names},
-                                    iou_threshold=args.iou_threshold, with_assd=not args.no_assd)
-  except nifti.NiftiError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  print(_summary(report))
-  if args.output:
-    as_csv = pathlib.Path(args.output).suffix.lower() == '.csv'
-    nifti.atomic_write_text(args.output, report_csv(report) if as_csv else json.dumps(report, indent=2) + '\n')
-    print(f'report -> {args.output}')
-  else:
-    print(json.dumps(report, indent=2))
-  return 0

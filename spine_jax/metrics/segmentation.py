@@ -12,10 +12,7 @@ Conventions:
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -199,20 +196,9 @@ def compare_files(pred_path, ref_path, labels: Sequence[int] | None = None,
   return {'pred': str(pred_path), 'ref': str(ref_path), **report}
 
 
-def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog='python -m spine_jax.evaluate seg',
-      description='Dice and ASSD of a predicted label mask against a reference on the same grid.')
-  parser.add_argument('command', nargs='?', choices=['seg'], help=argparse.SUPPRESS)
-  parser.add_argument('--pred', required=True, help='predicted label NIfTI')
-  parser.add_argument('--ref', required=True, help='reference label NIfTI on the same grid')
-  parser.add_argument('--output', default=None, help='JSON report path (default: print it)')
-  parser.add_argument('--labels', default=None,
-                      help='comma-separated label ids to score (default: every label in either mask)')
-  return parser.parse_args(list(argv))
 
-
-def _summary(report: dict) -> str:
+def summary_table(report: dict) -> str:
+  """The console table of a report."""
   def cell(value, digits):
     return '-' if value is None else f'{value:.{digits}f}'
   lines = [f"{'structure':28s} {'label':>5s} {'dice':>6s} {'assd_mm':>8s}"]
@@ -222,31 +208,3 @@ def _summary(report: dict) -> str:
   for name, group in report['groups'].items():
     lines.append(f"{'global ' + name:28s} {'':5s} {cell(group['dice'], 3):>6s}")
   return '\n'.join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m spine_jax.evaluate seg --pred=P --ref=R [--output=report.json] [--labels=41,49]`.
-
-  `argv` is the argument list after the program name (a leading 'seg' is accepted). Prints a
-  table, writes the JSON report atomically (or prints it without --output); returns the exit
-  status: 0, or 1 with the reason on stderr when a file is missing, unreadable or off-grid.
-  """
-  args = _parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    labels = [int(v) for v in args.labels.split(',') if v.strip()] if args.labels else None
-  except ValueError:
-    print(f'--labels must be comma-separated integers, got {args.labels!r}', file=sys.stderr)
-    return 1
-  try:
-    report = compare_files(args.pred, args.ref, labels)
-  except nifti.NiftiError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  text = json.dumps(report, indent=2) + '\n'
-  print(_summary(report))
-  if args.output:
-    nifti.atomic_write_text(args.output, text)
-    print(f'report -> {args.output}')
-  else:
-    print(text, end='')
-  return 0

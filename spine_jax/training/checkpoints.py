@@ -33,6 +33,13 @@ def manager(workdir, *, max_to_keep: int = 2, read_only: bool = False) -> ocp.Ch
                                item_names=("state", "data_iter", "config"))
 
 
+def latest_step(workdir) -> int | None:
+  """The newest saved step of a work directory (None for a new run), creating nothing."""
+  if not (pathlib.Path(workdir).absolute() / "checkpoints").is_dir():
+    return None
+  return manager(workdir, read_only=True).latest_step()
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, config: ml_collections.ConfigDict) -> None:
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),

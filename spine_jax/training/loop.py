@@ -201,7 +201,6 @@ def train_and_evaluate(config, workdir, *, step_timeout: float = 0.0) -> dict:
   a step (see _Watchdog).
   """
   workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
   task = tasks.get_task(config)
   mesh = mesh_lib.make_mesh()
   mesh_lib.local_batch_size(config.batch_size, mesh)  # fails early on a batch the mesh cannot split
@@ -213,14 +212,17 @@ def train_and_evaluate(config, workdir, *, step_timeout: float = 0.0) -> dict:
   t0 = time.time()
   data_iter = task.train_iterator()
   _say(f"training data ready in {time.time() - t0:.1f} s")
-  mngr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
-  if mngr.latest_step() is not None:
-    state, start = checkpoints.restore(mngr, abstract, data_iter)
-    _say(f"resumed from step {start} in {workdir}")
-  else:
+  resuming = checkpoints.latest_step(workdir) is not None
+  if not resuming:  # before the work directory is made: a bad init_from leaves nothing behind
     state = state_lib.create_train_state(task.model, tx, task.init_shape, jax.random.key(config.seed), mesh)
     if hasattr(task, "initial_state"):  # e.g. pretrained weights (config.model.init_from)
       state = task.initial_state(state)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mngr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
+  if resuming:
+    state, start = checkpoints.restore(mngr, abstract, data_iter)
+    _say(f"resumed from step {start} in {workdir}")
+  else:
     start = 0
     _say(f"new run in {workdir}: {state_lib.count_params(state.params):,} parameters")
 

@@ -11,17 +11,13 @@ import pytest
 from configs import semantic as semantic_config
 from spine_jax.data import spine_labels
 from spine_jax.data.phantoms import mri
-from spine_jax.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def semantic_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("semantic_run")
-  config = semantic_config.get_config("smoke")
-  report = loop.train_and_evaluate(config, workdir)
-  return workdir, report
+def semantic_run(semantic_smoke_run):
+  return semantic_smoke_run, None
 
 
 def test_training_reports_dice_per_structure(semantic_run):

@@ -25,7 +25,6 @@ from spine_jax.inference import instance
 from spine_jax.inference import semantic as semantic_lib
 from spine_jax.inference import spine
 from spine_jax.metrics import instances as inst_metrics
-from spine_jax.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 LPS = ("L", "P", "S")
@@ -38,12 +37,9 @@ def _instance_ids_ok(mask) -> bool:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(semantic_smoke_run, instance_smoke_run):
   """(semantic run, instance run): the smoke configs, a few steps each."""
-  root = tmp_path_factory.mktemp("spine_runs")
-  loop.train_and_evaluate(semantic_config.get_config("smoke"), root / "semantic")
-  loop.train_and_evaluate(instance_config.get_config("smoke"), root / "instance")
-  return root / "semantic", root / "instance"
+  return semantic_smoke_run, instance_smoke_run
 
 
 @pytest.fixture(scope="module")
