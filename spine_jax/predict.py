@@ -35,8 +35,8 @@ from absl import flags
 from absl import logging
 
 from spine_jax import cli
+from spine_jax.engine import checkpoints
 from spine_jax.inference import batch
-from spine_jax.training import checkpoints
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training work directory or checkpoint folder.")
 _IMAGE = flags.DEFINE_string("image", None, "CT NIfTI in Hounsfield units.")
@@ -213,6 +213,7 @@ def _triage(jobs, outputs_of, identity_of) -> tuple[list, list, int]:
 def run_semantic() -> int:
   from spine_jax.data import nifti
   from spine_jax.inference import restore
+  from spine_jax.engine import predict as predict_lib
   from spine_jax.inference import semantic
   from spine_jax.reports import pictures
 
@@ -225,7 +226,7 @@ def run_semantic() -> int:
   if todo:
     state, config, mesh = restore.load_for_inference(_CHECKPOINT.value, "semantic")
     inference_overrides(config, _DISABLE_TTA.value, _STEP_SIZE.value)
-    logits_fn = semantic.make_logits_fn(state, mesh)
+    logits_fn = predict_lib.semantic_logits_fn(state, mesh)
   progress = _Progress(len(todo))
   segmented = 0
   for i, (job, digest) in enumerate(todo, 1):

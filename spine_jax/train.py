@@ -22,8 +22,8 @@ from spine_jax.config_variants import ConfigError
 from spine_jax.conversion.errors import ConversionError
 from spine_jax.data.manifest import ManifestError
 from spine_jax.data.nifti import NiftiError
+from spine_jax.engine.checkpoints import CheckpointError
 from spine_jax.training import loop
-from spine_jax.training.checkpoints import CheckpointError
 
 # A user's mistake (config values, data, manifests, checkpoints, weights to start from, the work
 # directory): one line, exit 1.

@@ -4,7 +4,7 @@ import pytest
 
 from configs import mtl
 from configs import semantic
-from spine_jax.training import state as state_lib
+from spine_jax.engine import state as state_lib
 from spine_jax.training import tasks
 
 VARIANTS = [(mtl, v) for v in ("", "baseline", "soft", "posterolateral", "paper", "smoke", "baseline,smoke")] + \

@@ -42,7 +42,7 @@ from flax import traverse_util
 
 from spine_jax.conversion import layout
 from spine_jax.conversion import output as conversion_output
-from spine_jax.conversion import spineps
+from spine_jax.conversion import spineps_folder
 from spine_jax.conversion import torch_files
 from spine_jax.conversion.errors import ConversionError
 from spine_jax.data import patches
@@ -298,7 +298,7 @@ def label_mapping(labels: Mapping[str, int], source, *, overrides: Mapping[str, 
     elif value == 0:
       target = 0
     else:
-      target = spineps.id_for_name(name)
+      target = spineps_folder.id_for_name(name)
     if target is None:
       unmapped.append(f"{name}={value}")
     elif target not in spine_labels.SEMANTIC_IDS:
@@ -457,11 +457,11 @@ def write_checkpoint(output, config: ml_collections.ConfigDict, variables: Mappi
 def _axcodes(requested, spineps_config, folder) -> tuple[str, ...]:
   if requested:
     codes = tuple(str(c).upper() for c in requested)
-    if not spineps.valid_axcodes(codes):
+    if not spineps_folder.valid_axcodes(codes):
       raise ConversionError(f"--axcodes {''.join(codes)}: not three axis codes naming each of L/R, A/P and S/I once")
     return codes
   if spineps_config is not None:
-    codes = spineps.orientation(spineps_config, folder)
+    codes = spineps_folder.orientation(spineps_config, folder)
     if codes:
       return codes
   return tuple(spatial.PIR)
@@ -484,12 +484,12 @@ def convert_folder(folder, output, *, fold: int | str = 0, configuration: str | 
   if not checkpoint.is_file():
     folds = sorted(p.name for p in folder.glob("fold_*") if p.is_dir())
     raise ConversionError(f"{checkpoint}: no such file (folds here: {folds or 'none'})")
-  spineps_config = spineps.read_inference_config(folder)
+  spineps_config = spineps_folder.read_inference_config(folder)
   arrays, init_args = network_weights(checkpoint, trust_pickle=trust_pickle)
   name = choose_configuration(folder, plans, configuration, init_args.get("configuration"), plans_path)
   plan = read_plan(plans, name, plans_path)
   labels = dataset_labels(dataset, dataset_path)
-  network_ids = spineps.network_label_ids(spineps_config, folder) if spineps_config else None
+  network_ids = spineps_folder.network_label_ids(spineps_config, folder) if spineps_config else None
   mapping = label_mapping(labels, dataset_path, overrides=label_map, network_ids=network_ids)
   own = unet.default_unet_config()
   own.update(plan.arch)

@@ -16,8 +16,8 @@ def write_step0_checkpoint(directory, model, config, variables: Mapping[str, Any
   import orbax.checkpoint as ocp
 
   from spine_jax.data import nifti
-  from spine_jax.training import mesh as mesh_lib
-  from spine_jax.training import state as state_lib
+  from spine_jax.engine import mesh as mesh_lib
+  from spine_jax.engine import state as state_lib
 
   directory = pathlib.Path(directory).absolute()
   replicated = mesh_lib.replicated(mesh_lib.make_mesh())

@@ -42,8 +42,8 @@ from scipy import ndimage
 
 from spine_jax.data import levels as levels_lib
 from spine_jax.data import spatial
+from spine_jax.data import spine_labels
 from spine_jax.inference import semantic_postprocess
-from spine_jax.metrics import segmentation as seg_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -1028,7 +1028,7 @@ def centroids(instance_mask: np.ndarray, semantic: np.ndarray, affine: np.ndarra
   key_centres = np.stack([np.bincount(inverse, weights=c) for c in coords], axis=-1) / key_sizes[:, None]
   structures: dict[int, dict] = {}
   for key, centre in zip(keys, key_centres):
-    structures.setdefault(int(key) // 256, {})[seg_metrics.label_name(int(key) % 256)] = world(centre)
+    structures.setdefault(int(key) // 256, {})[spine_labels.structure_name(int(key) % 256)] = world(centre)
 
   out = {'coordinate_system': 'world (RAS+) mm of voxel centres, through the mask affine',
          'vertebrae': {}, 'discs': {}, 'endplates': {}}

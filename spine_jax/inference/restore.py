@@ -1,10 +1,10 @@
 """A trained (or converted) checkpoint back as a train state, with the config it was trained with."""
 from __future__ import annotations
 
-from spine_jax.training import checkpoints
-from spine_jax.training import mesh as mesh_lib
-from spine_jax.training import state as state_lib
-from spine_jax.training import tasks
+from spine_jax.engine import checkpoints
+from spine_jax.engine import mesh as mesh_lib
+from spine_jax.engine import networks
+from spine_jax.engine import state as state_lib
 
 
 def load_for_inference(checkpoint, task_name: str, mesh=None):
@@ -15,7 +15,7 @@ def load_for_inference(checkpoint, task_name: str, mesh=None):
     raise checkpoints.CheckpointError(f"checkpoint {root / str(step)} holds a {config.get('task')!r} model, not "
                                       f"{task_name!r}")
   mesh = mesh or mesh_lib.make_mesh()
-  task = tasks.get_task(config)
+  model, init_shape = networks.build(config)
   tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
-  abstract = state_lib.abstract_train_state(task.model, tx, task.init_shape, mesh)
+  abstract = state_lib.abstract_train_state(model, tx, init_shape, mesh)
   return checkpoints.restore_state_for_inference(root, step, abstract), config, mesh

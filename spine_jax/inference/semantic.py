@@ -3,34 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
 
 from spine_jax.data import nifti
 from spine_jax.data import spatial
 from spine_jax.data import spine_labels
 from spine_jax.data import volumes
+from spine_jax.engine import predict as predict_lib
 from spine_jax.inference import semantic_postprocess
 from spine_jax.inference import sliding_window
-from spine_jax.training import mesh as mesh_lib
-from spine_jax.training import steps
-
-
-def make_logits_fn(state, mesh):
-  """Patches (B, X, Y, Z, C) numpy -> full-resolution logits (numpy), the batch split over the mesh.
-
-  A batch that the devices cannot split evenly is padded (and the padding dropped), so the
-  sliding-window batch size need not be a multiple of the device count.
-  """
-  fn = jax.jit(steps.segmentation_logits, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)))
-  n_dev = mesh.devices.size
-
-  def logits(x):
-    b = len(x)
-    if b % n_dev:
-      x = np.concatenate([x, np.zeros((n_dev - b % n_dev, *x.shape[1:]), x.dtype)])
-    return np.asarray(jax.device_get(fn(state, mesh_lib.global_batch(x, mesh))))[:b]
-  return logits
 
 
 def predict_volume(logits_fn, image: np.ndarray, cfg, progress=None) -> np.ndarray:
@@ -63,7 +44,7 @@ def segment_array(state, config, mesh, image: np.ndarray, affine: np.ndarray, *,
                   logits_fn=None, progress=None) -> SemanticResult:
   """An image already in memory (with its affine) -> semantic mask on the same grid."""
   vol = volumes.prepare_scan(image, affine, config.data.preprocess, name=name)
-  logits_fn = logits_fn or make_logits_fn(state, mesh)
+  logits_fn = logits_fn or predict_lib.semantic_logits_fn(state, mesh)
   indices = predict_volume(logits_fn, vol.image, config, progress=progress)
   ids = spine_labels.indices_to_ids(indices)
   post_cfg = config.get("postprocess") or semantic_postprocess.default_postprocess_config()

@@ -28,13 +28,13 @@ import numpy as np
 
 from spine_jax.data import nifti
 from spine_jax.data import spatial
+from spine_jax.engine import mesh as mesh_lib
+from spine_jax.engine import predict as predict_lib
 from spine_jax.inference import batch
 from spine_jax.inference import instance as instance_lib
 from spine_jax.inference import restore
 from spine_jax.inference import semantic as semantic_lib
 from spine_jax.reports import pictures
-from spine_jax.training import instance as instance_training
-from spine_jax.training import mesh as mesh_lib
 
 OUTPUT_SUFFIXES = batch.OUTPUT_SUFFIXES
 REFERENCE_SUFFIXES = ("_seg-vert_msk.nii.gz", "_seg-vert_msk.nii")
@@ -57,9 +57,9 @@ def load_spine_models(semantic_checkpoint, instance_checkpoint, mesh=None) -> tu
   """(semantic model, instance model) from two training work directories or checkpoint folders, on one mesh."""
   mesh = mesh or mesh_lib.make_mesh()
   state, config, mesh = restore.load_for_inference(semantic_checkpoint, "semantic", mesh)
-  sem = Model(state, config, mesh, semantic_lib.make_logits_fn(state, mesh), str(semantic_checkpoint))
+  sem = Model(state, config, mesh, predict_lib.semantic_logits_fn(state, mesh), str(semantic_checkpoint))
   state, config, mesh = restore.load_for_inference(instance_checkpoint, "instance", mesh)
-  inst = Model(state, config, mesh, instance_training.make_predict_fn(state, mesh), str(instance_checkpoint))
+  inst = Model(state, config, mesh, predict_lib.instance_predict_fn(state, mesh), str(instance_checkpoint))
   return sem, inst
 
 

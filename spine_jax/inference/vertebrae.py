@@ -7,24 +7,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import numpy as np
 
 from spine_jax.data import pipelines
-from spine_jax.metrics import classification
-from spine_jax.training import mesh as mesh_lib
-from spine_jax.training import steps
 from spine_jax.data.classes import POSTEROLATERAL_CLASSES, QUALITY_CLASSES
+from spine_jax.engine import predict as predict_lib
+from spine_jax.metrics import classification
 
-
-
-def make_predict_fn(state, mesh):
-  """images (B, H, W, C) sharded over the mesh -> dict of per-head probabilities (numpy)."""
-  fn = jax.jit(steps.classifier_eval_step, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)))
-
-  def predict(images: np.ndarray):
-    return jax.device_get(fn(state, mesh_lib.global_batch(images, mesh)))
-  return predict
 
 
 def predict_slices(predict, images: np.ndarray, *, in_channels: int, batch_size: int) -> dict[str, np.ndarray]:
@@ -100,7 +89,7 @@ def classify_ct(state, config, mesh, image_path, mask_path, *, scheme: str, labe
       raise slices_lib.SliceError(f"mask {mask_path}: no vertebra label of the {scheme!r} numbering "
                                   f"(labels present: {present})")
   wanted = sorted(wanted, key=lambda v: levels_lib.level_index(levels_lib.label_to_level(v, scheme)))
-  predict = make_predict_fn(state, mesh)
+  predict = predict_lib.classifier_predict_fn(state, mesh)
   rows = []
   for label in wanted:
     level = levels_lib.label_to_level(label, scheme)

@@ -19,14 +19,9 @@ import numpy as np
 from scipy import ndimage
 
 from spine_jax.data import nifti
+from spine_jax.data import spine_labels
 from spine_jax.metrics.classification import nan_to_none
 
-SEMANTIC_LABEL_NAMES = {
-    41: 'arcus_vertebrae', 42: 'spinous_process', 43: 'costal_process_left', 44: 'costal_process_right',
-    45: 'superior_articular_left', 46: 'superior_articular_right', 47: 'inferior_articular_left',
-    48: 'inferior_articular_right', 49: 'vertebral_body', 60: 'spinal_cord', 61: 'spinal_canal', 62: 'endplate',
-    100: 'intervertebral_disc', 26: 'sacrum',
-}
 # Merged structures of the paper's global Dice: the whole vertebra (its subregions and endplates),
 # the discs, the canal with the cord inside it.
 SEMANTIC_GROUPS = {
@@ -137,11 +132,6 @@ def check_known_labels(mask: np.ndarray, known, path, what: str) -> None:
                            f'a mask of another kind?')
 
 
-def label_name(label: int) -> str:
-  """The SPINEPS semantic name of a label id, else 'label_<id>'."""
-  return SEMANTIC_LABEL_NAMES.get(int(label), f'label_{int(label)}')
-
-
 def segmentation_report(pred: np.ndarray, ref: np.ndarray, spacing, label_names: Mapping[int, str],
                         groups: Mapping[str, Sequence[int]] | None = None) -> dict:
   """JSON-safe report: per-label Dice, ASSD and voxel counts, their means, and grouped (global) Dice.
@@ -177,19 +167,19 @@ def compare_files(pred_path, ref_path, labels: Sequence[int] | None = None,
   """Load two label NIfTIs on the same grid (checked) and return their `segmentation_report`.
 
   `labels` defaults to every non-zero label in either file, which must then be SPINEPS semantic ids
-  (or named in `label_names`): an image given as a mask is refused; names default to `label_name`;
-  `groups` to the SPINEPS semantic groups that contain a scored label.
+  (or named in `label_names`): an image given as a mask is refused. Names default to
+  `spine_labels.structure_name`, `groups` to the SPINEPS semantic groups that contain a scored label.
   """
   pred, pred_affine, _ = nifti.load_mask(pred_path)
   ref, ref_affine, _ = nifti.load_mask(ref_path)
   nifti.check_same_grid(pred_path, pred_affine, pred.shape, ref_path, ref_affine, ref.shape)
   if labels is None:
-    known = set(label_names or {}) | set(SEMANTIC_LABEL_NAMES)
+    known = set(label_names or {}) | set(spine_labels.STRUCTURE_NAMES)
     for path, mask in ((pred_path, pred), (ref_path, ref)):
       check_known_labels(mask, known, path, 'SPINEPS semantic ids (pass --labels to score other ids)')
     labels = sorted((set(np.unique(pred).tolist()) | set(np.unique(ref).tolist())) - {0})
   labels = [int(label) for label in labels]
-  names = {label: (label_names or {}).get(label, label_name(label)) for label in labels}
+  names = {label: (label_names or {}).get(label, spine_labels.structure_name(label)) for label in labels}
   if groups is None:
     groups = {name: members for name, members in SEMANTIC_GROUPS.items() if set(members) & set(labels)}
   report = segmentation_report(pred, ref, nifti.spacing_from_affine(pred_affine), names, groups)

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from spine_jax.models import densenet
 from spine_jax.data.classes import POSTEROLATERAL_CLASSES, QUALITY_CLASSES
+from spine_jax.models import densenet
 
 SUBTASKS = ('blastic', 'lytic', 'posterolateral')
 KINDS = ('hard', 'soft', 'single_quality', 'single_posterolateral')

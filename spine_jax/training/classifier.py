@@ -9,9 +9,10 @@ import numpy as np
 from spine_jax.data import manifest as manifest_lib
 from spine_jax.data import pipelines
 from spine_jax.data.phantoms import ct as ct_phantoms
+from spine_jax.engine import networks
+from spine_jax.engine import predict as predict_lib
 from spine_jax.inference import vertebrae
 from spine_jax.metrics import classification
-from spine_jax.models import multitask
 from spine_jax.reports import pictures
 from spine_jax.training import steps
 
@@ -37,9 +38,7 @@ class ClassifierTask:
 
   def __init__(self, config):
     self.config = config
-    self.model = multitask.build_model(config.model)
-    size = config.data.slices.image_size
-    self.init_shape = (1, size, size, config.data.in_channels)
+    self.model, self.init_shape = networks.build(config)
     self._test = None
 
   def initial_state(self, state):
@@ -64,7 +63,7 @@ class ClassifierTask:
     if self._test is None:
       self._test = load_split(cfg, "test")
     test = self._test
-    predict = vertebrae.make_predict_fn(state, mesh)
+    predict = predict_lib.classifier_predict_fn(state, mesh)
     probs = vertebrae.predict_slices(predict, test["image"], in_channels=cfg.data.in_channels,
                                      batch_size=cfg.eval.batch_size)
     decided = vertebrae.vertebra_decisions(probs, test["vertebra"], cfg.eval)

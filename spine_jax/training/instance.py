@@ -21,12 +21,13 @@ from spine_jax.data import spatial
 from spine_jax.data import spine_labels
 from spine_jax.data import volumes as volumes_lib
 from spine_jax.data.phantoms import mri as mri_phantoms
+from spine_jax.engine import networks
+from spine_jax.engine import predict as predict_lib
 from spine_jax.inference import instance as instance_inference
 from spine_jax.metrics import instances as instance_metrics
 from spine_jax.metrics import segmentation as seg_metrics
 from spine_jax.metrics.segmentation import finite_mean, format_score
 from spine_jax.models import instance_unet
-from spine_jax.training import mesh as mesh_lib
 from spine_jax.training import steps
 
 POSITIONS = ("above", "centre", "below")
@@ -87,30 +88,6 @@ def instance_train_step(state, batch, *, config):
   return steps.segmentation_train_step(state, batch, config=config)
 
 
-def make_predict_fn(state, mesh):
-  """Cutouts -> classes 0..3 (uint8 numpy), the batch split over the mesh: (N, X, Y, Z) input
-  classes, or (N, X, Y, Z, 10) one-hot as `inference.instance.predict_cutouts` sends them (taken
-  back to classes on the host: one compiled function, a tenth of the transfer). A batch the
-  devices cannot split evenly is padded, and the padding dropped."""
-  def classes(state, x):
-    x = jax.nn.one_hot(x, cutouts.INPUT_CLASSES, dtype=jnp.float32)
-    return steps.segmentation_logits(state, x).argmax(-1).astype(jnp.uint8)
-
-  fn = jax.jit(classes, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)))
-  n_dev = mesh.devices.size
-
-  def predict(x):
-    x = np.asarray(x)
-    if x.ndim == 5:  # one-hot (all-zero padding cutouts become background)
-      x = x.argmax(-1)
-    x = x.astype(np.uint8)
-    b = len(x)
-    if b % n_dev:
-      x = np.concatenate([x, np.zeros((n_dev - b % n_dev, *x.shape[1:]), x.dtype)])
-    return np.asarray(jax.device_get(fn(state, mesh_lib.global_batch(x, mesh))))[:b]
-  return predict
-
-
 def vertebra_dice(pred: np.ndarray, ref: np.ndarray) -> dict[int, float]:
   """{reference vertebra id: Dice of the predicted instance paired with it} for every reference
   vertebra (ids 1..99 but the sacrum); pairs are one-to-one by overlap, an unpaired vertebra
@@ -153,8 +130,7 @@ class InstanceTask:
 
   def __init__(self, config):
     self.config = config
-    self.model = instance_unet.build_instance_unet(config.model)
-    self.init_shape = (1, *config.data.cutout.cutout_size, config.model.in_channels)
+    self.model, self.init_shape = networks.build(config)
     self._test = None
 
   def _records(self, split: str) -> list[tuple[dict, np.ndarray, np.ndarray]]:
@@ -165,6 +141,10 @@ class InstanceTask:
       record = cutouts.volume_record(v.labels, v.instance, v.spacing, v.name, cfg.data.cutout.min_body_mm3)
       out.append((record, spine_labels.indices_to_ids(v.labels), v.instance))
     return out
+
+  def initial_state(self, state):
+    """New runs start from the initialisation (no pretrained weights for this network)."""
+    return state
 
   def train_iterator(self, process_index=None, process_count=None):
     cfg = self.config
@@ -180,7 +160,7 @@ class InstanceTask:
     cfg = self.config
     if self._test is None:
       self._test = self._records("test")
-    predict = make_predict_fn(state, mesh)
+    predict = predict_lib.instance_predict_fn(state, mesh)
     per_cutout = {p: [] for p in POSITIONS}
     volumes = []
     for record, semantic, reference in self._test:

@@ -18,10 +18,10 @@ import numpy as np
 from absl import logging
 
 from spine_jax.data import nifti
+from spine_jax.engine import checkpoints
+from spine_jax.engine import mesh as mesh_lib
+from spine_jax.engine import state as state_lib
 from spine_jax.metrics import classification
-from spine_jax.training import checkpoints
-from spine_jax.training import mesh as mesh_lib
-from spine_jax.training import state as state_lib
 from spine_jax.training import steps
 from spine_jax.training import tasks
 
@@ -215,8 +215,7 @@ def train_and_evaluate(config, workdir, *, step_timeout: float = 0.0) -> dict:
   resuming = checkpoints.latest_step(workdir) is not None
   if not resuming:  # before the work directory is made: a bad init_from leaves nothing behind
     state = state_lib.create_train_state(task.model, tx, task.init_shape, jax.random.key(config.seed), mesh)
-    if hasattr(task, "initial_state"):  # e.g. pretrained weights (config.model.init_from)
-      state = task.initial_state(state)
+    state = task.initial_state(state)  # e.g. pretrained weights (config.model.init_from)
   workdir.mkdir(parents=True, exist_ok=True)
   mngr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
   if resuming:

@@ -7,11 +7,12 @@ from spine_jax.data import patches
 from spine_jax.data import pipelines
 from spine_jax.data import spine_labels
 from spine_jax.data import volumes as volumes_lib
+from spine_jax.engine import networks
+from spine_jax.engine import predict as predict_lib
 from spine_jax.inference import semantic as semantic_inference
 from spine_jax.inference import semantic_postprocess
 from spine_jax.metrics import segmentation as seg_metrics
 from spine_jax.metrics.segmentation import finite_mean, format_score
-from spine_jax.models import unet
 from spine_jax.training import steps
 
 STRUCTURES = tuple(i for i in spine_labels.SEMANTIC_IDS if i)
@@ -24,9 +25,12 @@ class SemanticTask:
 
   def __init__(self, config):
     self.config = config
-    self.model = unet.build_unet(config.model)
-    self.init_shape = (1, *config.data.patch.patch_size, config.model.in_channels)
+    self.model, self.init_shape = networks.build(config)
     self._test = None
+
+  def initial_state(self, state):
+    """New runs start from the initialisation (no pretrained weights for this network)."""
+    return state
 
   def train_iterator(self, process_index=None, process_count=None):
     cfg = self.config
@@ -42,7 +46,7 @@ class SemanticTask:
     cfg = self.config
     if self._test is None:
       self._test = volumes_lib.load_split(cfg.data, "test", cfg.data.prep_workers)
-    logits_fn = semantic_inference.make_logits_fn(state, mesh)
+    logits_fn = predict_lib.semantic_logits_fn(state, mesh)
     post_cfg = cfg.get("postprocess") or semantic_postprocess.default_postprocess_config()
     per_volume, post_dice = [], []
     for vol in self._test:

@@ -36,15 +36,6 @@ def classifier_train_step(state, batch, *, config):
   return state, metrics
 
 
-def classifier_eval_step(state, images):
-  """Class probabilities of every head the model has (softmax / sigmoid of its logits)."""
-  outputs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
-  probs = {}
-  for name, logits in outputs.items():
-    probs[name] = jax.nn.sigmoid(logits) if logits.ndim == 1 else jax.nn.softmax(logits, axis=-1)
-  return probs
-
-
 def _global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
@@ -93,12 +84,3 @@ def pseudo_dice(pred, labels, num_classes):
   denom = jnp.sum(p, axis=axes) + jnp.sum(t, axis=axes)
   present = denom > 0
   return jnp.sum(jnp.where(present, 2.0 * tp / jnp.maximum(denom, 1), 0.0)) / jnp.maximum(present.sum(), 1)
-
-
-def segmentation_logits(state, images):
-  """Full-resolution logits only (deep-supervision heads are training-time)."""
-  variables = {"params": state.params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
-  out = state.apply_fn(variables, images, train=False)
-  return out[0] if isinstance(out, (list, tuple)) else out

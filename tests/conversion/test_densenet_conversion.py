@@ -244,8 +244,8 @@ def test_truncated_and_foreign_files(tiny_file, torch, tmp_path):
 def classifier_state(kind, trunk_overrides, init_from):
   from configs import mtl
   from spine_jax.training import classifier
-  from spine_jax.training import mesh as mesh_lib
-  from spine_jax.training import state as state_lib
+  from spine_jax.engine import mesh as mesh_lib
+  from spine_jax.engine import state as state_lib
 
   config = mtl.get_config("smoke")
   config.model.kind = kind

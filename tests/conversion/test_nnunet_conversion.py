@@ -15,6 +15,7 @@ import pytest
 from spine_jax.conversion import ConversionError
 from spine_jax.conversion import nnunet
 from spine_jax.data import spine_labels
+from spine_jax.engine import predict as predict_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
@@ -139,8 +140,6 @@ def converted(torch, unet_arch, tmp_path_factory):
 
 
 def test_converted_outputs_match_plain_conv_unet(converted, torch, conformance):
-  from spine_jax.inference import semantic
-
   net, _, _, state, config, mesh = converted
   order = tuple(config.converted_from.network_axes_of_model_axes)
   assert order == (2, 1, 0)  # our P, I, R are nnU-Net's axes 2, 1, 0
@@ -149,7 +148,7 @@ def test_converted_outputs_match_plain_conv_unet(converted, torch, conformance):
     ref = net(torch.from_numpy(x))[0].numpy()  # deep supervision: full resolution first
   channel_of = {SPINEPS_ID[c]: c for c in range(len(LABELS))}
   ref = to_ours(ref, order)[..., [channel_of[i] for i in spine_labels.SEMANTIC_IDS]]
-  logits = semantic.make_logits_fn(state, mesh)(to_ours(x, order))  # what predict semantic runs
+  logits = predict_lib.semantic_logits_fn(state, mesh)(to_ours(x, order))  # what predict semantic runs
   conformance("nnU-Net PlainConvUNet 6 stages 4..32, anisotropic (2x1x16x64x64)", logits, ref)
 
 

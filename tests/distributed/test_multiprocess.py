@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from spine_jax.training import checkpoints
+from spine_jax.engine import checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CACHE = pathlib.Path(os.environ.get("SPINE_JAX_TEST_CACHE", ROOT / ".jax_cache"))

@@ -413,8 +413,8 @@ def test_centroids_in_world_mm():
   expected = np.argwhere(ref == 20).mean(axis=0) * (2, 3, 4) + (10, 0, -5)
   assert l1['centroid_mm'] == pytest.approx(expected.tolist(), abs=1e-3)
   body = np.argwhere((ref == 20) & (sem == 49)).mean(axis=0) * (2, 3, 4) + (10, 0, -5)
-  assert l1['structures']['vertebral_body'] == pytest.approx(body.tolist(), abs=1e-3)
+  assert l1['structures']['vertebra_corpus'] == pytest.approx(body.tolist(), abs=1e-3)
   assert set(l1['structures']) == {'arcus_vertebrae', 'spinous_process', 'superior_articular_left',
                                    'superior_articular_right', 'inferior_articular_left',
-                                   'inferior_articular_right', 'vertebral_body'}
+                                   'inferior_articular_right', 'vertebra_corpus'}
   assert ctd['discs']['120']['above_level'] == 'L1' and ctd['endplates']['221']['level'] == 'L2'

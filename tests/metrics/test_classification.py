@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from spine_jax.data import classes
 from spine_jax.metrics import classification as cls
 
 # Rows truth, columns prediction; normal, blastic, mixed, lytic. Total 102.
@@ -90,7 +91,7 @@ def _decide(groups, **kwargs):
   return dict(zip(got_ids.tolist(), decisions.tolist()))
 
 
-N, B, M, L = cls.NORMAL, cls.BLASTIC, cls.MIXED, cls.LYTIC
+N, B, M, L = classes.NORMAL, classes.BLASTIC, classes.MIXED, classes.LYTIC
 
 
 def test_vertebra_normal_needs_more_than_seventy_percent():

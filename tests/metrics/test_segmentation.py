@@ -127,7 +127,7 @@ def test_compare_files_and_the_command(tmp_path):
   p = _write(tmp_path / 'pred.nii.gz', pred, affine)
   r = _write(tmp_path / 'ref.nii.gz', ref, affine)
   report = seg.compare_files(p, r)
-  assert list(report['labels']) == ['vertebral_body', 'spinal_cord', 'spinal_canal']
+  assert list(report['labels']) == ['vertebra_corpus', 'spinal_cord', 'spinal_canal']
   assert report['spacing_mm'] == pytest.approx([0.75, 0.75, 1.65])
   assert set(report['groups']) == {'vertebrae', 'spinal_canal'}
   only_body = seg.compare_files(p, r, labels=[49], label_names={49: 'body'})
@@ -138,7 +138,7 @@ def test_compare_files_and_the_command(tmp_path):
                         f'--output={out}', '--labels=49,100'], capture_output=True, text=True, timeout=120)
   assert run.returncode == 0, run.stderr
   written = json.loads(out.read_text())
-  assert list(written['labels']) == ['vertebral_body', 'intervertebral_disc'] and written['ref'] == str(r)
+  assert list(written['labels']) == ['vertebra_corpus', 'intervertebral_disc'] and written['ref'] == str(r)
   assert seg.summary_table(written) in run.stdout
 
   moved = affine.copy()

@@ -5,9 +5,9 @@ import pytest
 
 from configs import mtl
 from spine_jax.data import pipelines
-from spine_jax.training import checkpoints
-from spine_jax.training import mesh as mesh_lib
-from spine_jax.training import state as state_lib
+from spine_jax.engine import checkpoints
+from spine_jax.engine import mesh as mesh_lib
+from spine_jax.engine import state as state_lib
 from spine_jax.training import steps
 from spine_jax.training import tasks
 

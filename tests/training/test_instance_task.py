@@ -12,9 +12,9 @@ from configs import instance as instance_config
 from spine_jax.data import instance_cutouts as cutouts
 from spine_jax.data import spine_labels
 from spine_jax.data.phantoms import mri as mri_phantoms
+from spine_jax.engine import state as state_lib
 from spine_jax.inference import instance as instance_inference
 from spine_jax.training import instance as instance_task
-from spine_jax.training import state as state_lib
 from spine_jax.training import tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -28,11 +28,10 @@ from spine_jax.data import levels as levels_lib
 from spine_jax.data import manifest as manifest_lib
 from spine_jax.data import nifti
 from spine_jax.data import slices as slices_lib
+from spine_jax.data import classes
+from spine_jax.data.classes import BLASTIC, LYTIC, MIXED, NORMAL, POSTEROLATERAL_CLASSES, QUALITY_CLASSES
 from spine_jax.data.phantoms import shapes
-from spine_jax.metrics import classification
-from spine_jax.data.classes import POSTEROLATERAL_CLASSES, QUALITY_CLASSES
 
-NORMAL, BLASTIC, MIXED, LYTIC = range(4)
 DEFAULT_LEVELS = tuple(f'T{i}' for i in range(1, 13)) + tuple(f'L{i}' for i in range(1, 6))
 
 # Regions in the returned `region` volume (used by tests and for per-slice labels).
@@ -511,8 +510,8 @@ def labels_consistent(quality: int, posterolateral: int, slice_quality, slice_po
   if quality == NORMAL:
     return not sq.any() and not sp.any()
   pl_counts = np.bincount(sp, minlength=3)
-  return (classification.quality_from_counts(np.bincount(sq, minlength=4), normal_fraction=0.6) == quality
-          and classification.posterolateral_from_counts(pl_counts, min_fraction=0.2) == posterolateral
+  return (classes.quality_from_counts(np.bincount(sq, minlength=4), normal_fraction=0.6) == quality
+          and classes.posterolateral_from_counts(pl_counts, min_fraction=0.2) == posterolateral
           and (posterolateral == 0 or pl_counts[posterolateral:].sum() / sp.size >= 0.25))
 
 

@@ -10,7 +10,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from spine_jax.training import mesh as mesh_lib
+from spine_jax.engine import mesh as mesh_lib
 
 
 class TrainState(train_state.TrainState):
