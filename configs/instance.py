@@ -7,7 +7,7 @@ Variants (after the colon, combined with commas):
             (2.25 x 2.25 x 3.3 mm, 3 x 3 x 2 reference voxels), cutouts of 72 x 80 x 16 voxels
             (162 x 180 x 53 mm: the body with its posterior elements and a vertebra above and
             below), and SPINEPS 2.x's width (dim 8: 8, 8, 16, 32, 64).
-  'spineps' SPINEPS 1.x scale (`training.instance.spineps_config`): the reference spacing,
+  'spineps' SPINEPS 1.x scale (`conversion.spineps.spineps_instance_config`): the reference spacing,
             248 x 304 x 64 cutouts, widths 16..128 (5.4 M parameters), Adam 1e-4 decaying to 1%
             as the authors; for GPUs/TPUs.
   'bf16'    bfloat16 compute (parameters stay float32).
@@ -18,13 +18,13 @@ import ml_collections
 from spine_jax.config_variants import parse_variants
 from spine_jax.data.phantoms import mri as mri_phantoms
 from spine_jax.models import instance_unet
-from spine_jax.training import instance as instance_task
+from spine_jax.conversion import spineps
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   variants = parse_variants(arg, ("spineps", "bf16", "smoke"), "configs/instance.py")
 
-  c = instance_task.spineps_config()
+  c = spineps.spineps_instance_config()
   if "spineps" not in variants:
     c.model.dim = 8
     c.model.remat = False

@@ -49,3 +49,12 @@ def test_eval_json_names_structures_as_the_label_table(semantic_smoke_run):
   from spine_jax.data import spine_labels
   saved = json.loads((semantic_smoke_run / "eval.json").read_text())
   assert set(saved["dice"]) <= set(spine_labels.STRUCTURE_NAMES.values())
+
+
+def test_no_import_cycles():
+  """No module imports one that imports it back, directly or through others (imports inside functions too)."""
+  grimp = pytest.importorskip("grimp", reason="grimp comes with import-linter, a test dependency")
+  graph = grimp.build_graph("spine_jax")
+  cycles = sorted({tuple(sorted((a, b))) for a in graph.modules for b in graph.find_modules_directly_imported_by(a)
+                   if graph.chain_exists(importer=b, imported=a)})
+  assert not cycles, cycles

@@ -122,7 +122,7 @@ def _sample_nearest(arrays, coords: np.ndarray) -> list[np.ndarray]:
   size = np.floor(flat.max(axis=1)).astype(np.int64) + 2 - lo
   idx = np.floor(coords - lo.reshape(3, 1, 1, 1) + 0.5).astype(np.intp)
   flat_idx = (idx[0] * size[1] + idx[1]) * size[2] + idx[2]
-  return [patches._crop(a, lo, size, a.dtype).ravel().take(flat_idx) for a in arrays]  # pylint: disable=protected-access
+  return [patches.crop_box(a, lo, size, a.dtype).ravel().take(flat_idx) for a in arrays]
 
 
 def extract_cutout(record: dict, body: int, rng: np.random.Generator | None, cfg) -> tuple[np.ndarray, np.ndarray]:
@@ -139,16 +139,16 @@ def extract_cutout(record: dict, body: int, rng: np.random.Generator | None, cfg
   affine = displacement = None
   if use_aug:
     centre = centre + rng.uniform(-1.0, 1.0, 3) * np.asarray(cfg.centre_jitter_mm) / spacing
-    affine = patches._draw_affine(rng, aug, spacing)  # pylint: disable=protected-access
+    affine = patches.draw_affine(rng, aug, spacing)
     if rng.random() < aug.p_elastic:
       displacement = patches.elastic_displacement(size, spacing, rng, aug.elastic_sigma_mm, aug.elastic_magnitude_mm)
   centre = np.rint(centre).astype(np.int64)
   if affine is None and displacement is None:
     start = centre - np.asarray(size) // 2
-    inputs, position = (patches._crop(record[k], start, size, np.uint8)  # pylint: disable=protected-access
+    inputs, position = (patches.crop_box(record[k], start, size, np.uint8)
                         for k in ('input', 'position'))
   else:
-    coords = patches._sampling_coords(centre, size, affine, displacement)  # pylint: disable=protected-access
+    coords = patches.sampling_coords(centre, size, affine, displacement)
     inputs, position = (a.reshape(size) for a in _sample_nearest((record['input'], record['position']), coords))
   targets = targets_of(position, int(record['body_positions'][body]))
   if use_aug:

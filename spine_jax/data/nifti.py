@@ -39,7 +39,8 @@ def _one_line(matrix) -> str:
   return str(np.round(np.asarray(matrix, np.float64), 4).tolist())
 
 
-def _check_affine(path, affine: np.ndarray) -> None:
+def check_affine(path, affine: np.ndarray) -> None:
+  """Raise NiftiError naming `path` unless `affine` is a finite, non-singular 4x4 with positive spacing."""
   if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
     raise NiftiError(f'{path}: affine is not a finite 4x4 matrix: {_one_line(affine)}')
   spacing = spacing_from_affine(affine)
@@ -75,7 +76,7 @@ def _read(path, dtype) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     raise NiftiError(f'{path}: expected a 3D volume, got shape {array.shape}')
   affine = np.asarray(img.affine, np.float64)
   _check_header_zooms(path, img)
-  _check_affine(path, affine)
+  check_affine(path, affine)
   return array, affine, img.header
 
 

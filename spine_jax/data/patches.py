@@ -148,7 +148,7 @@ def _per_axis(ranges) -> np.ndarray:
   return np.tile(r, (3, 1)) if r.shape == (2,) else r.reshape(3, 2)
 
 
-def _draw_affine(rng: np.random.Generator, aug, spacing) -> np.ndarray | None:
+def draw_affine(rng: np.random.Generator, aug, spacing) -> np.ndarray | None:
   """Voxel-space matrix A (patch offset -> volume offset), or None when neither rotation nor
   scaling is drawn. Built in mm: diag(1/s) · scale · R · diag(s)."""
   m, drawn = np.eye(3), False
@@ -201,7 +201,7 @@ def elastic_displacement(shape, spacing, rng: np.random.Generator, sigma_mm, mag
   return disp
 
 
-def _crop(x: np.ndarray, start, size, dtype) -> np.ndarray:
+def crop_box(x: np.ndarray, start, size, dtype) -> np.ndarray:
   """x[start : start + size] with zeros beyond the volume (exact, no interpolation)."""
   out = np.zeros(tuple(size), dtype)
   src, dst = [], []
@@ -215,7 +215,7 @@ def _crop(x: np.ndarray, start, size, dtype) -> np.ndarray:
   return out
 
 
-def _sampling_coords(centre, patch_size, affine, displacement) -> np.ndarray:
+def sampling_coords(centre, patch_size, affine, displacement) -> np.ndarray:
   """(3, *patch) volume coordinates sampled by each patch voxel."""
   offs = [(np.arange(p) - p // 2).reshape([-1 if a == k else 1 for a in range(3)]) for k, p in enumerate(patch_size)]
   a = np.eye(3) if affine is None else affine
@@ -238,12 +238,12 @@ def _resample(image: np.ndarray, labels: np.ndarray, coords: np.ndarray) -> tupl
   lo = np.floor(flat.min(axis=1)).astype(np.int64)
   size = np.floor(flat.max(axis=1)).astype(np.int64) + 2 - lo
   local = coords - lo.reshape(3, 1, 1, 1)
-  img = ndi.map_coordinates(_crop(image, lo, size, np.float32), local, output=np.float32, order=1,
+  img = ndi.map_coordinates(crop_box(image, lo, size, np.float32), local, output=np.float32, order=1,
                             mode="nearest", prefilter=False)
   local += 0.5
   idx = np.floor(local, out=local).astype(np.intp)
   flat_idx = (idx[0] * size[1] + idx[1]) * size[2] + idx[2]
-  lab = _crop(labels, lo, size, np.asarray(labels).dtype).ravel().take(flat_idx).astype(np.int32)
+  lab = crop_box(labels, lo, size, np.asarray(labels).dtype).ravel().take(flat_idx).astype(np.int32)
   return img, lab
 
 
@@ -306,16 +306,16 @@ def extract_patch(image: np.ndarray, labels: np.ndarray, centre, patch_size, spa
   use_aug = aug_cfg is not None and aug_cfg.get("enabled", True)
   affine = displacement = None
   if use_aug:
-    affine = _draw_affine(rng, aug_cfg, spacing)
+    affine = draw_affine(rng, aug_cfg, spacing)
     if rng.random() < aug_cfg.p_elastic:
       displacement = elastic_displacement(patch_size, spacing, rng, aug_cfg.elastic_sigma_mm,
                                           aug_cfg.elastic_magnitude_mm)
   if affine is None and displacement is None:
     start = centre - np.asarray(patch_size) // 2
-    img = _crop(image, start, patch_size, np.float32)
-    lab = _crop(labels, start, patch_size, np.int32)
+    img = crop_box(image, start, patch_size, np.float32)
+    lab = crop_box(labels, start, patch_size, np.int32)
   else:
-    img, lab = _resample(image, labels, _sampling_coords(centre, patch_size, affine, displacement))
+    img, lab = _resample(image, labels, sampling_coords(centre, patch_size, affine, displacement))
   if use_aug:
     for axis in aug_cfg.mirror_axes:
       if rng.random() < aug_cfg.p_mirror:

@@ -154,7 +154,7 @@ def to_model_space(image: np.ndarray, affine: np.ndarray, *, axcodes=PIR, spacin
   image = np.asarray(image)
   check_volume(image, name=name, max_voxels=max_voxels)
   affine = np.asarray(affine, np.float64)
-  nifti._check_affine(_label(name), affine)  # pylint: disable=protected-access
+  nifti.check_affine(_label(name), affine)
   target_spacing = check_spacing(spacing, name=name)
   reoriented, new_affine, reorientation = nifti.reorient(image, affine, axcodes)
   source_spacing = nifti.spacing_from_affine(new_affine)

@@ -69,7 +69,7 @@ def _in_group(mask: np.ndarray, id_range) -> np.ndarray:
 
 def overlap_table(pred: np.ndarray, ref: np.ndarray, id_range=(1, 99)) -> OverlapTable:
   """The `OverlapTable` of the instances with ids in `id_range` (inclusive), in one pass over the foreground."""
-  pred, ref = seg_metrics._same_shape(pred, ref)  # pylint: disable=protected-access
+  pred, ref = seg_metrics.same_shape(pred, ref)
   p, r = _in_group(pred, id_range), _in_group(ref, id_range)
   pred_ids = np.unique(p[p > 0])
   ref_ids = np.unique(r[r > 0])
@@ -189,7 +189,7 @@ def instance_report(pred: np.ndarray, ref: np.ndarray, spacing, groups: Mapping[
   `groups` maps a name to an inclusive id range (default `INSTANCE_GROUPS`); NaN and inf become
   null. `with_assd=False` skips the surface distances (the slow part on large masks).
   """
-  pred, ref = seg_metrics._same_shape(pred, ref)  # pylint: disable=protected-access
+  pred, ref = seg_metrics.same_shape(pred, ref)
   pred, ref = pred.astype(np.int64), ref.astype(np.int64)
   spacing = [float(s) for s in spacing]
   report = {'shape': list(pred.shape), 'spacing_mm': spacing, 'groups': {}}

@@ -53,13 +53,13 @@ def format_score(v) -> str:
 
 def dice_per_label(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
   """{label: Dice of pred == label vs ref == label}; NaN for a label in neither mask."""
-  pred, ref = _same_shape(pred, ref)
+  pred, ref = same_shape(pred, ref)
   return {int(label): dice(pred == label, ref == label) for label in labels}
 
 
 def global_dice(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> float:
   """Dice of the union of `labels` in each mask (e.g. all vertebra subregions as one structure)."""
-  pred, ref = _same_shape(pred, ref)
+  pred, ref = same_shape(pred, ref)
   return dice(np.isin(pred, labels), np.isin(ref, labels))
 
 
@@ -69,7 +69,8 @@ def nanmean(values) -> float:
   return float(np.mean(finite)) if finite else math.nan
 
 
-def _same_shape(pred, ref) -> tuple[np.ndarray, np.ndarray]:
+def same_shape(pred, ref) -> tuple[np.ndarray, np.ndarray]:
+  """(pred, ref) as arrays; a ValueError naming both shapes when they differ."""
   pred, ref = np.asarray(pred), np.asarray(ref)
   if pred.shape != ref.shape:
     raise ValueError(f'prediction shape {pred.shape} differs from reference shape {ref.shape}')
@@ -88,7 +89,7 @@ def surface_distances(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing) -> t
   Against an empty mask every distance is inf. Work is confined to the bounding box of both
   masks, which changes nothing: all surface voxels lie inside it, and beyond it is background.
   """
-  pred_mask, ref_mask = _same_shape(np.asarray(pred_mask, bool), np.asarray(ref_mask, bool))
+  pred_mask, ref_mask = same_shape(np.asarray(pred_mask, bool), np.asarray(ref_mask, bool))
   spacing = np.asarray(spacing, np.float64)
   if spacing.shape != (pred_mask.ndim,) or np.any(spacing <= 0):
     raise ValueError(f'spacing must give one positive size per axis, got {spacing.tolist()}')
@@ -117,7 +118,7 @@ def assd(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing) -> float:
 
 def assd_per_label(pred: np.ndarray, ref: np.ndarray, spacing, labels: Sequence[int]) -> dict[int, float]:
   """{label: ASSD (mm) of pred == label vs ref == label}."""
-  pred, ref = _same_shape(pred, ref)
+  pred, ref = same_shape(pred, ref)
   return {int(label): assd(pred == label, ref == label, spacing) for label in labels}
 
 
@@ -139,7 +140,7 @@ def segmentation_report(pred: np.ndarray, ref: np.ndarray, spacing, label_names:
   `label_names` maps each scored label id to its name. 'mean_dice' averages the labels present in
   either mask; 'mean_assd_mm' the labels present in both (finite ASSD). NaN and inf become null.
   """
-  pred, ref = _same_shape(pred, ref)
+  pred, ref = same_shape(pred, ref)
   spacing = [float(s) for s in spacing]
   labels = [int(label) for label in label_names]
   dices = dice_per_label(pred, ref, labels)

@@ -12,72 +12,22 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from spine_jax.data import instance_cutouts as cutouts
 from spine_jax.data import pipelines
-from spine_jax.data import spatial
 from spine_jax.data import spine_labels
 from spine_jax.data import volumes as volumes_lib
-from spine_jax.data.phantoms import mri as mri_phantoms
 from spine_jax.engine import networks
 from spine_jax.engine import predict as predict_lib
 from spine_jax.inference import instance as instance_inference
 from spine_jax.metrics import instances as instance_metrics
 from spine_jax.metrics import segmentation as seg_metrics
 from spine_jax.metrics.segmentation import finite_mean, format_score
-from spine_jax.models import instance_unet
 from spine_jax.training import steps
 
 POSITIONS = ("above", "centre", "below")
 SACRUM_ID = 26  # the sacrum's instance is its semantic label, not the network's work: not scored
-
-
-def spineps_config() -> ml_collections.ConfigDict:
-  """The instance task at SPINEPS 1.x scale, complete: the reference spacing, 248 x 304 x 64 cutouts,
-  widths 16..128 (5.4 M parameters), the authors' Adam 1e-4 decaying to 1%.
-
-  `configs/instance.py` starts from it and chooses the CPU values; the SPINEPS converter starts from
-  it and takes the architecture and phase-2 settings from the model folder.
-  """
-  c = ml_collections.ConfigDict()
-  c.task = "instance"
-  c.seed = 0
-  c.model = instance_unet.default_instance_unet_config()
-  c.model.remat = True
-  # Volumes as the semantic task reads them (phantoms or a manifest with an instance column).
-  c.data = ml_collections.ConfigDict()
-  c.data.source = "phantom"          # 'phantom' | 'manifest'
-  c.data.manifest = ""               # CSV / JSON lines: image, semantic, instance[, split]
-  c.data.test_manifest = ""
-  c.data.phantom = mri_phantoms.default_mri_phantom_config()
-  c.data.phantom.num_test_volumes = 24  # "every vertebra found" is a per-volume rate: 8 is too coarse
-  c.data.phantom.shape = (0, 0, 0)   # fit every axis to the anatomy: a full-width field
-  c.data.preprocess = ml_collections.ConfigDict(dict(
-      axcodes=spatial.PIR, spacing=spatial.REFERENCE_SPACING, image_order=3,
-      max_intensity=spatial.SPINEPS_MAX_INTENSITY, max_voxels=spatial.DEFAULT_MAX_VOXELS))
-  c.data.cutout = cutouts.default_cutout_config()
-  c.data.num_workers = 0             # grain worker processes for cutout sampling
-  c.data.prep_workers = 2            # processes preparing volumes at start-up
-  c.batch_size = 4
-  c.num_train_steps = 50_000
-  # The authors' Adam 1e-4 with linear decay to 1% (poly 0.9 is the nearest schedule here) and an
-  # L2 penalty on the weights (coupled weight decay here).
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", learning_rate=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, warmup_steps=0,
-      schedule="poly", end_learning_rate_factor=0.01, grad_clip_norm=0.0))
-  # SPINEPS: cross-entropy + soft Dice over the foreground classes, Dice per sample.
-  c.loss = ml_collections.ConfigDict(dict(batch_dice=False))
-  # Phase 2 as evaluation runs it (inference/instance.py), with the training cutout size: one size
-  # for both (changing either field moves the other).
-  c.inference = instance_inference.default_instance_config()
-  c.inference.cutout_size = c.data.cutout.get_ref("cutout_size")
-  c.log_every = 100
-  c.eval_every = 5000                # held-out Dice during training (0: only at the end)
-  c.checkpoint_every = 2000
-  c.keep_checkpoints = 2
-  return c
 
 
 def instance_train_step(state, batch, *, config):

@@ -68,7 +68,7 @@ def test_unaugmented_patch_is_slicing_with_zero_padding(aug):
 
 def test_identity_resampling_matches_slicing_including_padding():
   image, labels = blocks_volume()
-  coords = patches._sampling_coords(np.array([2, 54, 1]), (16, 20, 8), np.eye(3), None)
+  coords = patches.sampling_coords(np.array([2, 54, 1]), (16, 20, 8), np.eye(3), None)
   img, lab = patches._resample(image, labels, coords)
   ref_img, ref_lab = patches.extract_patch(image, labels, (2, 54, 1), (16, 20, 8), SPACING, None)
   np.testing.assert_array_equal(img, ref_img)
