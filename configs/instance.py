@@ -16,9 +16,9 @@ Variants (after the colon, combined with commas):
 import ml_collections
 
 from spine_jax.config_variants import parse_variants
+from spine_jax.conversion import spineps
 from spine_jax.data.phantoms import mri as mri_phantoms
 from spine_jax.models import instance_unet
-from spine_jax.conversion import spineps
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -30,7 +30,7 @@ def test_one_label_table(tmp_path):
 
   from spine_jax.data import nifti
   from spine_jax.data import spine_labels
-  from spine_jax.inference import instance
+  from spine_jax.inference.phase2 import pipeline as phase2
   from spine_jax.metrics import segmentation
 
   sem = np.zeros((6, 6, 6), np.uint8)
@@ -38,7 +38,7 @@ def test_one_label_table(tmp_path):
   inst = np.where(sem > 0, 20, 0).astype(np.int16)
   nifti.atomic_save_nifti(sem, np.eye(4), tmp_path / "sem.nii.gz")
   report = segmentation.compare_files(tmp_path / "sem.nii.gz", tmp_path / "sem.nii.gz")
-  centroids = instance.centroids(inst, sem, np.eye(4))
+  centroids = phase2.centroids(inst, sem, np.eye(4))
   assert set(report["labels"]) == set(centroids["vertebrae"]["20"]["structures"]) == {
       spine_labels.STRUCTURE_NAMES[41], spine_labels.STRUCTURE_NAMES[49]}
 

@@ -20,7 +20,7 @@ What the instance conversion takes from where:
   (must be P, I, R), ``resolution_range`` (the spacing, P, I, R; of a (min, max) range the
   finer bound), ``cutout_size``, ``corpus_size_cleaning`` (-> ``inference.min_body_voxels``),
   ``vert_size_threshold`` (-> ``inference.min_instance_voxels``) and ``mapping`` (must relabel
-  41..48 -> 1..8 and 49 -> 9 as ``inference/instance.py`` does). Other fields are ignored.
+  41..48 -> 1..8 and 49 -> 9 as ``inference/phase2/cutouts.py`` does). Other fields are ignored.
 * everything else: ``spineps_instance_config`` (SPINEPS 1.x scale, Adam at zero).
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from spine_jax.conversion.spineps_folder import INFERENCE_CONFIG, model_folder, 
 from spine_jax.data import instance_cutouts
 from spine_jax.data import spatial
 from spine_jax.data.phantoms import mri
-from spine_jax.inference import instance as instance_inference
+from spine_jax.inference.phase2 import common as phase2_common
 from spine_jax.models import instance_unet
 
 def find_lightning_checkpoint(folder) -> pathlib.Path:
@@ -151,9 +151,9 @@ def spineps_instance_config() -> ml_collections.ConfigDict:
       schedule="poly", end_learning_rate_factor=0.01, grad_clip_norm=0.0))
   # SPINEPS: cross-entropy + soft Dice over the foreground classes, Dice per sample.
   c.loss = ml_collections.ConfigDict(dict(batch_dice=False))
-  # Phase 2 as evaluation runs it (inference/instance.py), with the training cutout size: one size
+  # Phase 2 as evaluation runs it (inference/phase2), with the training cutout size: one size
   # for both (changing either field moves the other).
-  c.inference = instance_inference.default_instance_config()
+  c.inference = phase2_common.default_instance_config()
   c.inference.cutout_size = c.data.cutout.get_ref("cutout_size")
   c.log_every = 100
   c.eval_every = 5000                # held-out Dice during training (0: only at the end)
@@ -195,11 +195,11 @@ def instance_config(arch: Mapping[str, Any], config: Mapping[str, Any], folder, 
       mapping = {int(k): int(v) for k, v in dict(mapping).items()}
     except (TypeError, ValueError):
       raise ConversionError(f"{source}: mapping {config['mapping']!r} is not {{SPINEPS id: class}}") from None
-    expected = {label: i + 1 for i, label in enumerate(instance_inference.VERTEBRA_LABELS)}
+    expected = {label: i + 1 for i, label in enumerate(phase2_common.VERTEBRA_LABELS)}
     wrong = {k: mapping.get(k) for k, v in expected.items() if mapping.get(k) != v}
     if wrong:
       raise ConversionError(f"{source}: mapping sends {wrong}; phase 2 here encodes {expected} "
-                            f"(inference/instance.py relabel_for_instance)")
+                            f"(inference/phase2/cutouts.py relabel_for_instance)")
   c.converted_from = ml_collections.ConfigDict(dict(provenance))
   instance_unet.build_instance_unet(c.model).check_input((1, *c.data.cutout.cutout_size, c.model.in_channels))
   return c

@@ -3,7 +3,7 @@
 The network reads a block of the semantic mask (model space: PIR, class indices of
 `spine_labels`) relabelled {41..48 -> 1..8, 49 -> 9, else 0}, and must mark the vertebra at
 the block's centre (2), the one above it (1) and the one below (3). Targets come from the
-instance map (SPINEPS ids, vertebrae under 100) exactly as `inference.instance` reads a
+instance map (SPINEPS ids, vertebrae under 100) exactly as `inference.phase2.oracle` reads a
 reference: vertebrae are ordered top to bottom by their centres of mass along I (axis 1), and
 each target covers its vertebra's voxels that the input shows (41..49), so discs, endplates and
 the sacrum's own label (26) are never targets, as they are never inputs.

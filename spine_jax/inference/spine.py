@@ -31,15 +31,17 @@ from spine_jax.data import spatial
 from spine_jax.engine import mesh as mesh_lib
 from spine_jax.engine import predict as predict_lib
 from spine_jax.inference import batch
-from spine_jax.inference import instance as instance_lib
 from spine_jax.inference import restore
 from spine_jax.inference import semantic as semantic_lib
+from spine_jax.inference.phase2 import common as phase2_common
+from spine_jax.inference.phase2 import labelling
+from spine_jax.inference.phase2 import pipeline as phase2
 from spine_jax.reports import pictures
 
 OUTPUT_SUFFIXES = batch.OUTPUT_SUFFIXES
 REFERENCE_SUFFIXES = ("_seg-vert_msk.nii.gz", "_seg-vert_msk.nii")
 # Phase 2's warnings are returned (printed and stored per scan by the command); its logger repeats them.
-PHASE2_LOGGER = instance_lib.logger.name
+PHASE2_LOGGER = phase2_common.logger.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +70,7 @@ def parse_first_vertebra(value) -> int | None:
   if value is None or value == "":
     return None
   text = str(value).strip()
-  return instance_lib.first_vertebra_id(int(text) if text.isdigit() else text)
+  return labelling.first_vertebra_id(int(text) if text.isdigit() else text)
 
 
 def phase2_config(instance_model: Model, first_vertebra=None) -> ml_collections.ConfigDict:
@@ -106,14 +108,14 @@ def instances_in_input_space(semantic: np.ndarray, affine: np.ndarray, instance_
   prep = instance_model.config.data.preprocess
   model_mask, space = spatial.mask_to_model_space(semantic, affine, axcodes=tuple(prep.axcodes),
                                                   spacing=tuple(prep.spacing), max_voxels=prep.max_voxels, name=name)
-  model_instances, messages = instance_lib.segment_instances(model_mask, predict_fn or instance_model.fn, cfg,
+  model_instances, messages = phase2.segment_instances(model_mask, predict_fn or instance_model.fn, cfg,
                                                              spacing=space.model_spacing)
   coarse = spatial.from_model_space(model_instances, space, is_mask=True)
   # Only the vertebrae travel: the sacrum, discs and endplates are remade from the input-grid semantic mask.
-  coarse = np.where((coarse < instance_lib.DISC_OFFSET) & (coarse != instance_lib.SACRUM_ID), coarse, 0)
+  coarse = np.where((coarse < phase2_common.DISC_OFFSET) & (coarse != phase2_common.SACRUM_ID), coarse, 0)
   sem_pir, _, reorientation = nifti.reorient(semantic, affine, spatial.PIR)
   coarse_pir, _, _ = nifti.reorient(coarse, affine, spatial.PIR)
-  labelled, more = instance_lib.label_spine(
+  labelled, more = labelling.label_spine(
       coarse_pir, sem_pir, first_vertebra=cfg.first_vertebra, endplate_owner=cfg.endplate_owner,
       reassign_articular=bool(cfg.reassign_articular), assign_missing=bool(cfg.assign_missing))
   more = [f"on the input grid: {m}" for m in more]
@@ -140,7 +142,7 @@ def segment_spine(image: np.ndarray, affine: np.ndarray, semantic_model: Model, 
   instances, messages = instances_in_input_space(sem.mask, affine, instance_model, cfg, name=name, predict_fn=predict)
   if blank := semantic_lib.blank_image_message(image):
     messages = [blank, *messages]
-  return {"semantic": sem.mask, "instance": instances, "centroids": instance_lib.centroids(instances, sem.mask, affine),
+  return {"semantic": sem.mask, "instance": instances, "centroids": phase2.centroids(instances, sem.mask, affine),
           "messages": messages}
 
 

@@ -1,7 +1,7 @@
 """SPINEPS phase 2 (the instance network) as a training task: body-centred cutouts, Dice + CE.
 
 Evaluation runs the whole of phase 2 on each held-out volume's reference semantic mask
-(`inference.instance.segment_instances`: body centres, cutouts, consolidation, labelling) and
+(`inference.phase2.pipeline.segment_instances`: body centres, cutouts, consolidation, labelling) and
 scores each reference vertebra by the Dice of the predicted instance it is matched to (one-to-one
 by overlap), so the number measures the network and the consolidation, not phase 1. The network
 alone is scored too: Dice of above / centre / below on exact cutouts at the bodies' centroids.
@@ -20,7 +20,7 @@ from spine_jax.data import spine_labels
 from spine_jax.data import volumes as volumes_lib
 from spine_jax.engine import networks
 from spine_jax.engine import predict as predict_lib
-from spine_jax.inference import instance as instance_inference
+from spine_jax.inference.phase2 import pipeline as phase2
 from spine_jax.metrics import instances as instance_metrics
 from spine_jax.metrics import segmentation as seg_metrics
 from spine_jax.metrics.segmentation import finite_mean, format_score
@@ -116,7 +116,7 @@ class InstanceTask:
     for record, semantic, reference in self._test:
       for position, scores in _cutout_dice(record, predict, cfg).items():
         per_cutout[position] += scores
-      pred, messages = instance_inference.segment_instances(semantic, predict, cfg.inference,
+      pred, messages = phase2.segment_instances(semantic, predict, cfg.inference,
                                                             spacing=record["spacing"])
       scores = vertebra_dice(pred, reference)
       order = cutouts.vertebra_order(reference)

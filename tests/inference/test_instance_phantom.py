@@ -10,19 +10,22 @@ import pytest
 
 from spine_jax.data import levels
 from spine_jax.data.phantoms import mri
-from spine_jax.inference import instance
+from spine_jax.inference.phase2 import centres as body_centres
+from spine_jax.inference.phase2 import common as phase2_common
+from spine_jax.inference.phase2 import oracle as oracle_lib
+from spine_jax.inference.phase2 import pipeline as phase2
 from spine_jax.metrics import instances as inst_metrics
 
 
 def _phase(volume, **overrides):
-  cfg = instance.default_instance_config()
+  cfg = phase2_common.default_instance_config()
   cfg.cutout_size, cfg.batch_size, cfg.endplate_owner = (248, 192, 32), 2, 'vertebra'
   for key, value in overrides.items():
     setattr(cfg, key, value)
   sem, ref = volume['semantic'], volume['instance']
-  centres, _ = instance.vertebral_body_centres(sem, volume['spacing'])
-  oracle = instance.oracle_predict_fn(sem, ref, centres, cfg.cutout_size)
-  return instance.segment_instances(sem, oracle, cfg, spacing=volume['spacing'])
+  centres, _ = body_centres.vertebral_body_centres(sem, volume['spacing'])
+  oracle = oracle_lib.oracle_predict_fn(sem, ref, centres, cfg.cutout_size)
+  return phase2.segment_instances(sem, oracle, cfg, spacing=volume['spacing'])
 
 
 def _whole(volume) -> set[int]:

@@ -1,7 +1,7 @@
 """SPINEPS phases 1 and 2 as one command and one API: files, grids, ids, resuming, failures.
 
 Networks trained for a few steps (the smoke configs) make meaningless masks, so these tests check
-the plumbing; the numbers are checked with a perfect instance network (`instance.oracle_predict_fn`)
+the plumbing; the numbers are checked with a perfect instance network (`oracle_lib.oracle_predict_fn`)
 on a phantom's reference semantic mask in a non-PIR orientation.
 """
 import json
@@ -21,9 +21,11 @@ from spine_jax.data import nifti
 from spine_jax.data import spatial
 from spine_jax.data import spine_labels
 from spine_jax.data.phantoms import mri
-from spine_jax.inference import instance
 from spine_jax.inference import semantic as semantic_lib
 from spine_jax.inference import spine
+from spine_jax.inference.phase2 import centres as body_centres
+from spine_jax.inference.phase2 import oracle as oracle_lib
+from spine_jax.inference.phase2 import pipeline as phase2
 from spine_jax.metrics import instances as inst_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -117,9 +119,9 @@ def perfect_phase2():
   prep, cfg = config.data.preprocess, config.inference
   model_semantic, space = spatial.mask_to_model_space(semantic, affine, axcodes=tuple(prep.axcodes),
                                                       spacing=tuple(prep.spacing))
-  centres, _ = instance.vertebral_body_centres(model_semantic, space.model_spacing, erosion=int(cfg.body_erosion),
+  centres, _ = body_centres.vertebral_body_centres(model_semantic, space.model_spacing, erosion=int(cfg.body_erosion),
                                                min_voxels=cfg.min_body_voxels)
-  oracle = instance.oracle_predict_fn(model_semantic, spatial.apply_model_space(reference, space, is_mask=True),
+  oracle = oracle_lib.oracle_predict_fn(model_semantic, spatial.apply_model_space(reference, space, is_mask=True),
                                       centres, tuple(cfg.cutout_size))
   model = spine.Model(None, config, None, oracle, "oracle")
   out, messages = spine.instances_in_input_space(semantic, affine, model)
@@ -146,7 +148,7 @@ def test_perfect_network_gives_the_phantom_back_on_the_input_grid(perfect_phase2
 def test_outputs_written_all_or_none(perfect_phase2, tmp_path, monkeypatch):
   p = perfect_phase2
   result = {"semantic": p["semantic"].astype(np.uint8), "instance": p["out"], "messages": p["messages"],
-            "centroids": instance.centroids(p["out"], p["semantic"], p["affine"])}
+            "centroids": phase2.centroids(p["out"], p["semantic"], p["affine"])}
   image = np.asarray(p["semantic"], np.float32)
   paths = spine.output_paths(tmp_path / "ok", "sub-01_T2w")
   spine.write_outputs(result, image, p["affine"], paths, meta={"input": "memory"})

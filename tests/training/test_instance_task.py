@@ -13,7 +13,8 @@ from spine_jax.data import instance_cutouts as cutouts
 from spine_jax.data import spine_labels
 from spine_jax.data.phantoms import mri as mri_phantoms
 from spine_jax.engine import state as state_lib
-from spine_jax.inference import instance as instance_inference
+from spine_jax.inference.phase2 import cutouts as cutout_lib
+from spine_jax.inference.phase2 import oracle as oracle_lib
 from spine_jax.training import instance as instance_task
 from spine_jax.training import tasks
 
@@ -88,7 +89,7 @@ def test_targets_above_centre_below(body):
 
 
 def test_exact_cutouts_agree_with_phase_two_reference():
-  """The training targets are what `inference.instance` calls a perfect network's answer."""
+  """The training targets are what `inference.phase2.oracle` calls a perfect network's answer."""
   cfg = mri_phantoms.default_mri_phantom_config()
   vol = mri_phantoms.make_volume(cfg, 'test', 0)
   sem, inst = vol['semantic'], vol['instance']
@@ -98,8 +99,8 @@ def test_exact_cutouts_agree_with_phase_two_reference():
   for body, centre in enumerate(record['body_centres']):
     inputs, targets = cutouts.extract_cutout(record, body, None, exact_config(size))
     centre = np.rint(centre).astype(int)
-    np.testing.assert_array_equal(targets, instance_inference.reference_cutout_classes(sem, inst, centre, size))
-    np.testing.assert_array_equal(inputs, instance_inference.cutout(instance_inference.relabel_for_instance(sem),
+    np.testing.assert_array_equal(targets, oracle_lib.reference_cutout_classes(sem, inst, centre, size))
+    np.testing.assert_array_equal(inputs, cutout_lib.cutout(cutout_lib.relabel_for_instance(sem),
                                                                     centre, size))
 
 

@@ -24,11 +24,11 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 
+from spine_jax.data import classes
 from spine_jax.data import levels as levels_lib
 from spine_jax.data import manifest as manifest_lib
 from spine_jax.data import nifti
 from spine_jax.data import slices as slices_lib
-from spine_jax.data import classes
 from spine_jax.data.classes import BLASTIC, LYTIC, MIXED, NORMAL, POSTEROLATERAL_CLASSES, QUALITY_CLASSES
 from spine_jax.data.phantoms import shapes
 
