@@ -9,6 +9,7 @@ import pytest
 from spine_jax.data import levels
 from spine_jax.data import nifti
 from spine_jax.data.phantoms import mri
+from spine_jax.data.phantoms import mri_anatomy
 
 BODY_LIKE = (mri.BODY, mri.ENDPLATE)
 VERTEBRA_SEMANTICS = (41, 42, 43, 44, 45, 46, 47, 48, mri.BODY)
@@ -105,7 +106,7 @@ def test_bad_requests():
 
 def test_geometry_is_pir(all_volumes):
   for v in all_volumes:
-    assert nib.aff2axcodes(v['affine']) == mri.PIR
+    assert nib.aff2axcodes(v['affine']) == mri_anatomy.PIR
     assert np.allclose(nifti.spacing_from_affine(v['affine']), mri.REFERENCE_SPACING_MM)
     assert np.allclose(v['spacing'], mri.REFERENCE_SPACING_MM)
     shape = v['image'].shape
@@ -114,28 +115,28 @@ def test_geometry_is_pir(all_volumes):
     assert v['image'].dtype == np.float32 and v['semantic'].dtype == np.uint8 and v['instance'].dtype == np.int16
     assert np.all(np.isfinite(v['image'])) and v['image'].min() >= 0 and v['image'].max() > 100
     # Axis 0 runs posterior: bodies in front of the canal, the canal in front of the spinous processes.
-    assert _axis_mean(v, mri.BODY, 0) < _axis_mean(v, mri.CANAL, 0) < _axis_mean(v, mri.SPINOUS, 0)
+    assert _axis_mean(v, mri.BODY, 0) < _axis_mean(v, mri_anatomy.CANAL, 0) < _axis_mean(v, mri_anatomy.SPINOUS, 0)
 
 
 def test_fixed_shape():
   v = mri.make_spine(np.random.default_rng(1), _cfg(shape=(128, 256, 24)))
   assert v['image'].shape == (128, 256, 24)
-  assert {mri.BODY, mri.DISC, mri.CANAL} <= set(np.unique(v['semantic']).tolist())
+  assert {mri.BODY, mri_anatomy.DISC, mri_anatomy.CANAL} <= set(np.unique(v['semantic']).tolist())
 
 
 def test_labels_and_instances_agree(all_volumes):
   for v in all_volumes:
     sem, inst = v['semantic'], v['instance']
-    assert set(np.unique(sem).tolist()) <= {0, *mri.SEMANTIC_IDS}
+    assert set(np.unique(sem).tolist()) <= {0, *mri_anatomy.SEMANTIC_IDS}
     for label in VERTEBRA_SEMANTICS:
       assert set(np.unique(inst[sem == label]).tolist()) <= VERTEBRA_IDS - {26}
     assert set(np.unique(inst[sem == mri.SACRUM]).tolist()) <= {26}
-    discs = np.unique(inst[sem == mri.DISC])
+    discs = np.unique(inst[sem == mri_anatomy.DISC])
     plates = np.unique(inst[sem == mri.ENDPLATE])
     assert discs.size and plates.size
     assert set((discs - mri.DISC_OFFSET).tolist()) <= VERTEBRA_IDS
     assert set((plates - mri.ENDPLATE_OFFSET).tolist()) <= VERTEBRA_IDS
-    for label in (0, mri.CORD, mri.CANAL):
+    for label in (0, mri_anatomy.CORD, mri_anatomy.CANAL):
       assert not inst[sem == label].any()
     # Every endplate belongs to a vertebra whose body is in the field.
     body_ids = set(np.unique(inst[sem == mri.BODY]).tolist())
@@ -169,14 +170,14 @@ def test_left_structures_lie_on_the_low_r_side(all_volumes):
   """PIR axis 2 points to the patient's right: left (43, 45, 47) has the smaller index, per vertebra too."""
   for v in all_volumes:
     sem, inst = v['semantic'], v['instance']
-    for left, right in mri.LEFT_RIGHT_PAIRS:
+    for left, right in mri_anatomy.LEFT_RIGHT_PAIRS:
       assert _axis_mean(v, left, 2) + 3 < _axis_mean(v, right, 2)
     for level in v['full_levels']:
       x = levels.level_to_label(level, 'spineps')
       if x == 26:
         continue
       body_r = v['body_centroids'][x][2]
-      for left, right in mri.LEFT_RIGHT_PAIRS:
+      for left, right in mri_anatomy.LEFT_RIGHT_PAIRS:
         lz = np.argwhere((sem == left) & (inst == x))[:, 2]
         rz = np.argwhere((sem == right) & (inst == x))[:, 2]
         if lz.size > 20 and rz.size > 20:
@@ -190,12 +191,12 @@ def test_cord_ends_at_l1_l2(lumbar, whole):
   for v in (lumbar, whole):
     assert {'T12', 'L1', 'L2', 'L3'} <= set(v['full_levels'])
     assert v['cord_end_level'] in ('L1', 'L2')
-    cord_rows = np.argwhere(v['semantic'] == mri.CORD)[:, 1]
+    cord_rows = np.argwhere(v['semantic'] == mri_anatomy.CORD)[:, 1]
     l1, l2 = v['body_centroids'][20][1], v['body_centroids'][21][1]
     t12 = v['body_centroids'][19][1]
     assert cord_rows.min() < t12 and l1 - 2 <= cord_rows.max() <= l2
     # Below the conus the canal goes on with CSF and roots only.
-    canal_rows = np.argwhere(v['semantic'] == mri.CANAL)[:, 1]
+    canal_rows = np.argwhere(v['semantic'] == mri_anatomy.CANAL)[:, 1]
     assert canal_rows.max() > v['body_centroids'][22][1]
 
 
@@ -218,9 +219,9 @@ def test_body_heights_follow_spec(lumbar, cervical, default_volumes):
         continue
       x = levels.level_to_label(level, 'spineps')
       meta = _vertebra(v, level)
-      lo, hi = mri.SPEC_RANGES[region]['height']
+      lo, hi = mri_anatomy.SPEC_RANGES[region]['height']
       assert lo <= meta['dims']['height'] <= hi
-      dlo, dhi = mri.SPEC_RANGES[region]['disc']
+      dlo, dhi = mri_anatomy.SPEC_RANGES[region]['disc']
       assert dlo <= meta['dims']['disc'] <= dhi
       body = np.isin(sem, BODY_LIKE) & ((inst == x) | (inst == mri.ENDPLATE_OFFSET + x))
       p, i = _world_pi(v, body)
@@ -241,8 +242,8 @@ def test_body_heights_follow_spec(lumbar, cervical, default_volumes):
 def test_discs_brighter_than_bodies(all_volumes):
   for v in all_volumes:
     image, sem = v['image'], v['semantic']
-    assert image[sem == mri.DISC].mean() > 1.05 * image[sem == mri.BODY].mean()
-    assert image[sem == mri.CANAL].mean() > image[sem == mri.CORD].mean()
+    assert image[sem == mri_anatomy.DISC].mean() > 1.05 * image[sem == mri.BODY].mean()
+    assert image[sem == mri_anatomy.CANAL].mean() > image[sem == mri_anatomy.CORD].mean()
 
 
 def test_curvature_directions(whole):
@@ -267,7 +268,7 @@ def test_transitional_vertebrae():
   assert v['full_levels'][:4] == ['T11', 'T12', 'T13', 'L1']
   ids = set(v['centroids'])
   assert {28, 128, 228} <= ids  # T13, the disc below it, its endplates
-  assert mri.spine_levels(np.random.default_rng(0), 0.0, 1.0)[-3:] == ['L5', 'L6', 'S1']
+  assert mri_anatomy.spine_levels(np.random.default_rng(0), 0.0, 1.0)[-3:] == ['L5', 'L6', 'S1']
 
 
 def test_nifti_round_trip(tmp_path):
@@ -283,7 +284,7 @@ def test_nifti_round_trip(tmp_path):
       img = nib.load(str(tmp_path / row[key]))
       assert nib.aff2axcodes(img.affine) == ('L', 'P', 'S')
       array = np.asarray(img.dataobj)
-      back, affine, _ = nifti.reorient(array, img.affine, mri.PIR)
+      back, affine, _ = nifti.reorient(array, img.affine, mri_anatomy.PIR)
       assert np.array_equal(back, vol[kind]) and back.dtype == vol[kind].dtype
       assert np.allclose(affine, vol['affine_pir'])
     assert np.allclose(vol['image_pir'], np.rint(again['image']), atol=0.5)

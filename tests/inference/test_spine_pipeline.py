@@ -21,6 +21,7 @@ from spine_jax.data import nifti
 from spine_jax.data import spatial
 from spine_jax.data import spine_labels
 from spine_jax.data.phantoms import mri
+from spine_jax.data.phantoms import mri_anatomy
 from spine_jax.inference import semantic as semantic_lib
 from spine_jax.inference import spine
 from spine_jax.inference.phase2 import centres as body_centres
@@ -136,7 +137,7 @@ def test_perfect_network_gives_the_phantom_back_on_the_input_grid(perfect_phase2
   pred_index = {int(v): i for i, v in enumerate(table.pred_ids)}
   ref_index = {int(v): i for i, v in enumerate(table.ref_ids)}
   pairs = {r: q for q, r in inst_metrics.match_by_overlap(table) if q is not None and r is not None}
-  whole = [mri.vertebra_id(level) for level in p["volume"]["full_levels"]]
+  whole = [mri_anatomy.vertebra_id(level) for level in p["volume"]["full_levels"]]
   assert len(whole) >= 3
   for ref_id in whole:  # the input-grid relabelling follows the semantic mask voxel for voxel
     assert dice[pred_index[pairs[ref_id]], ref_index[ref_id]] > 0.95, ref_id
