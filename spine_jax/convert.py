@@ -9,7 +9,7 @@ describes and writes its trunk as a torch-free .npz; train from it with
 `--config.model.init_from=densenet121.npz` (a .pth works there too, when torch is installed).
 
 `nnunet` converts an nnU-Net v2 model folder (plans.json, dataset.json, fold_k/checkpoint_final.pth;
-a SPINEPS semantic model folder with its inference_config.json too) into a checkpoint folder that
+a SPINEPS semantic model folder with its inference_config.json too) into a model bundle folder that
 `python -m spine_jax.predict semantic --checkpoint=OUTPUT` loads like a trained one.
 
 `spineps` converts SPINEPS' model pair: the semantic folder (an nnU-Net folder with its
@@ -34,7 +34,7 @@ from absl import logging
 from spine_jax import cli
 
 _INPUT = flags.DEFINE_string("input", None, "densenet: a .pth/.pt state dict; nnunet: the model folder.")
-_OUTPUT = flags.DEFINE_string("output", None, "densenet: the .npz to write; nnunet: the checkpoint folder; "
+_OUTPUT = flags.DEFINE_string("output", None, "densenet: the .npz to write; nnunet: the model bundle folder; "
                               "spineps: the folder to hold semantic/ and instance/.")
 _TRUST = flags.DEFINE_bool("trust_pickle", False, "Load files that need full pickle (can run code from the file).")
 _FOLD = flags.DEFINE_string("fold", "0", "nnunet: which fold_k to convert.")
@@ -71,7 +71,7 @@ def run_nnunet() -> int:
       checkpoint_name=_CHECKPOINT_NAME.value, axcodes=tuple(_AXCODES.value) if _AXCODES.value else None,
       label_map=nnunet.parse_label_map(_LABEL_MAP.value), trust_pickle=_TRUST.value, overwrite=_OVERWRITE.value)
   print(json.dumps(summary, indent=2))
-  print(f"checkpoint written: python -m spine_jax.predict semantic --checkpoint={summary['output']} ...")
+  print(f"model bundle written: python -m spine_jax.predict semantic --checkpoint={summary['output']} ...")
   return 0
 
 

@@ -73,4 +73,4 @@ def test_tiny_spineps_conversion(installed):
              cwd=elsewhere)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "Traceback" not in run.stderr
-  assert (elsewhere / "converted" / "instance" / "checkpoints" / "0" / "state").is_dir()
+  assert (elsewhere / "converted" / "instance" / "bundle.json").is_file()

@@ -6,10 +6,10 @@ One module per source, each on the shared helpers of ``torch_files`` (safe readi
 * ``densenet``: torchvision / MONAI DenseNet-121/169/201 state dicts -> the classifier's trunk
   (2D, or inflated to 3D; first conv adapted to the model's input channels).
 * ``nnunet``: an nnU-Net v2 model folder (plans.json, dataset.json, fold_k/checkpoint_final.pth)
-  -> a semantic U-Net checkpoint that ``predict semantic`` loads like its own.
-* ``spineps``: what is particular to SPINEPS' model folders (inference_config.json, TPTBox label
-  names); its semantic model is an nnU-Net folder and goes through ``nnunet``. The instance
-  network (Lightning ``*weights*.ckpt``) belongs here once ``models/`` has it.
+  -> a semantic U-Net model bundle (``engine/bundle.py``) that ``predict semantic`` loads like its own.
+* ``spineps_folder``: what is particular to SPINEPS' model folders (inference_config.json, TPTBox
+  label names); its semantic model is an nnU-Net folder and goes through ``nnunet``.
+* ``spineps``: SPINEPS' instance network (Lightning ``*weights*.ckpt``) and the model pair.
 
 Every converter refuses bad input with a ``ConversionError`` naming the file and the key, field or
 shape (expected vs found), and writes nothing unless the whole conversion succeeded.

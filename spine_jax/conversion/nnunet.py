@@ -1,4 +1,4 @@
-"""An nnU-Net v2 model folder -> a semantic U-Net checkpoint that ``predict semantic`` loads as its own.
+"""An nnU-Net v2 model folder -> a semantic U-Net model bundle that ``predict semantic`` loads as its own.
 
 A trained nnU-Net v2 model folder holds ``plans.json``, ``dataset.json`` and
 ``fold_k/checkpoint_final.pth`` (the weights under ``network_weights``). From them:
@@ -22,8 +22,9 @@ A trained nnU-Net v2 model folder holds ``plans.json``, ``dataset.json`` and
   which our shift/cap/z-score equals, since a z-score ignores shifts and scales); other schemes
   are refused.
 
-The checkpoint (params, nnU-Net's SGD state at zero, config) is written to a temporary folder
-beside the output and renamed into place only when complete.
+The model bundle (``engine/bundle.py``: the variables and the inference part of the config; no
+optimiser) is written to a temporary folder beside the output and renamed into place only when
+complete.
 """
 from __future__ import annotations
 
@@ -436,17 +437,16 @@ def semantic_config(plan: Plan, axcodes: Sequence[str], step_size: float,
   return c
 
 
-def write_checkpoint(output, config: ml_collections.ConfigDict, variables: Mapping[str, Any], *,
-                     overwrite: bool = False, extra_files: Mapping[str, str] | None = None) -> pathlib.Path:
-  """An orbax checkpoint (step 0: state and config) at ``output``, complete or not at all."""
+def write_bundle(output, config: ml_collections.ConfigDict, variables: Mapping[str, Any], *,
+                 overwrite: bool = False, extra_files: Mapping[str, str] | None = None) -> pathlib.Path:
+  """A model bundle (step 0: variables and the inference config) at ``output``, complete or not at all."""
   output = pathlib.Path(output).absolute()
   if output.exists() and not overwrite:
     raise ConversionError(f"{output}: exists; choose another --output or pass --overwrite")
   output.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
   try:
-    conversion_output.write_step0_checkpoint(tmp, unet.build_unet(config.model), config, variables,
-                                             extra_files=extra_files)
+    conversion_output.write_model(tmp, config, variables, extra_files=extra_files)
     conversion_output.replace_directory(tmp, output)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -509,7 +509,7 @@ def convert_folder(folder, output, *, fold: int | str = 0, configuration: str | 
              "features_per_stage": list(plan.arch["features_per_stage"]),
              "num_parameters": int(sum(np.size(v) for v in jax.tree.leaves(variables["params"]))),
              "structures_not_predicted": missing}
-  write_checkpoint(output, config, variables, overwrite=overwrite,
+  write_bundle(output, config, variables, overwrite=overwrite,
                    extra_files={"conversion.json": json.dumps(summary, indent=2)})
   return summary
 

@@ -1,4 +1,4 @@
-"""Writing converted models: a step-0 checkpoint in the trainer's layout, published all at once."""
+"""Writing converted models: a model bundle, published all at once."""
 from __future__ import annotations
 
 import pathlib
@@ -7,32 +7,12 @@ import tempfile
 from typing import Any, Mapping
 
 
-def write_step0_checkpoint(directory, model, config, variables: Mapping[str, Any], *,
-                           extra_files: Mapping[str, str] | None = None) -> pathlib.Path:
-  """An orbax checkpoint (step 0: state with the config's optimizer at zero, and config) in the layout
-  the trainer writes, so inference loads it as its own, into ``directory`` (not yet existing)."""
-  import jax
-  import jax.numpy as jnp
-  import orbax.checkpoint as ocp
-
-  from spine_jax.data import nifti
-  from spine_jax.engine import mesh as mesh_lib
-  from spine_jax.engine import state as state_lib
-
-  directory = pathlib.Path(directory).absolute()
-  replicated = mesh_lib.replicated(mesh_lib.make_mesh())
-  tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
-  state = state_lib.TrainState.create(apply_fn=model.apply, params=jax.device_put(variables["params"], replicated),
-                                      tx=tx, batch_stats=jax.device_put(variables.get("batch_stats", {}), replicated))
-  state = state.replace(step=jax.device_put(jnp.asarray(0, jnp.int32), replicated))
-  options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-  with ocp.CheckpointManager(directory / "checkpoints", options=options, item_names=("state", "config")) as mngr:
-    mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                         config=ocp.args.JsonSave(config.to_dict())))
-    mngr.wait_until_finished()
-  for name, text in (extra_files or {}).items():
-    nifti.atomic_write_text(directory / name, text)
-  return directory
+def write_model(directory, config, variables: Mapping[str, Any], *,
+                extra_files: Mapping[str, str] | None = None) -> pathlib.Path:
+  """Converted weights as a model bundle (`engine/bundle.py`: the variables and the inference part of
+  ``config``, step 0; no optimiser) at ``directory``, which inference loads as it loads a trained model."""
+  from spine_jax.engine import bundle
+  return bundle.write_bundle(directory, config, variables, step=0, extra_files=extra_files)
 
 
 def replace_directory(tmp: pathlib.Path, output: pathlib.Path) -> None:

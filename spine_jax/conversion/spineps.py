@@ -5,7 +5,7 @@
 
 The instance network (``modeltype: 'unet'``: ``inference_config.json`` and a Lightning
 ``*weights*.ckpt`` whose ``state_dict`` keys are prefixed ``network.``) converts with
-``convert_instance_folder`` into an instance checkpoint (``models/instance_unet.py``), and
+``convert_instance_folder`` into an instance model bundle (``models/instance_unet.py``), and
 ``convert_pair`` converts a semantic and an instance folder into ``OUTPUT/semantic`` and
 ``OUTPUT/instance`` for ``python -m spine_jax.predict spine``.
 
@@ -236,11 +236,9 @@ def instance_params(arrays: Mapping[str, np.ndarray], model_cfg, path) -> dict[s
   return jax.tree.map(lambda v: np.asarray(v, np.float32), params)
 
 
-def write_instance_checkpoint(output, config, params, *, extra_files: Mapping[str, str] | None = None):
-  """The instance model's step-0 checkpoint in the trainer's layout, into ``output`` (not yet existing)."""
-  from spine_jax.models import instance_unet
-  return conversion_output.write_step0_checkpoint(output, instance_unet.build_instance_unet(config.model), config,
-                                                  {"params": params}, extra_files=extra_files)
+def write_instance_bundle(output, config, params, *, extra_files: Mapping[str, str] | None = None):
+  """The instance model as a model bundle (step 0) at ``output``."""
+  return conversion_output.write_model(output, config, {"params": params}, extra_files=extra_files)
 
 
 def prepare_instance(folder, *, trust_pickle: bool = False):
@@ -280,7 +278,7 @@ def convert_instance_folder(folder, output, *, trust_pickle: bool = False, overw
   output.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
   try:
-    write_instance_checkpoint(tmp, cfg, params, extra_files={"conversion.json": json.dumps(summary, indent=2)})
+    write_instance_bundle(tmp, cfg, params, extra_files={"conversion.json": json.dumps(summary, indent=2)})
     _publish(tmp, output, overwrite)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -316,7 +314,7 @@ def convert_pair(output, *, semantic_folder=None, instance_folder=None, trust_pi
     if prepared is not None:
       cfg, params, inst = prepared
       inst["output"] = str(output / "instance")
-      write_instance_checkpoint(tmp / "instance", cfg, params,
+      write_instance_bundle(tmp / "instance", cfg, params,
                                 extra_files={"conversion.json": json.dumps(inst, indent=2)})
       summary["instance"] = inst
     _publish(tmp, output, overwrite)

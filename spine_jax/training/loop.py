@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from spine_jax.data import nifti
+from spine_jax.engine import bundle
 from spine_jax.engine import checkpoints
 from spine_jax.engine import mesh as mesh_lib
 from spine_jax.engine import state as state_lib
@@ -272,9 +273,13 @@ def train_and_evaluate(config, workdir, *, step_timeout: float = 0.0) -> dict:
     print(f"process {jax.process_index()}/{jax.process_count()}: step {step}, parameters "
           f"{fingerprint(state.params)}", flush=True)
 
+  eval_state = _for_eval(state, eval_mesh)
+  if jax.process_index() == 0:  # what inference loads: the variables and the inference part of the config
+    bundle.write_bundle(workdir / bundle.BUNDLE_DIR, config,
+                        {"params": eval_state.params, "batch_stats": eval_state.batch_stats}, step=step)
   # Each process evaluates the whole held-out split on its own devices (same result everywhere, no
   # cross-process traffic); process 0 writes it.
-  report = task.evaluate(_for_eval(state, eval_mesh), eval_mesh, workdir if jax.process_index() == 0 else None)
+  report = task.evaluate(eval_state, eval_mesh, workdir if jax.process_index() == 0 else None)
   report = classification.nan_to_none({"task": config.task, "step": step, **report})
   if jax.process_index() == 0:
     nifti.atomic_write_text(workdir / "eval.json", json.dumps(report, indent=2))

@@ -121,7 +121,7 @@ def test_pickled_hyper_parameters_need_the_trust_flag(unet3d, tmp_path):
   folder = write_instance_folder(tmp_path, net, extra={"hyper_parameters": {"opt": argparse.Namespace(n_epoch=3)}})
   _refused(folder, r"weights\.ckpt: holds argparse\.Namespace.*--trust_pickle")
   summary = spineps.convert_instance_folder(folder, tmp_path / "trusted", trust_pickle=True)
-  assert (tmp_path / "trusted" / "checkpoints" / "0" / "state").is_dir() and summary["dim"] == DIM
+  assert (tmp_path / "trusted" / "bundle.json").is_file() and summary["dim"] == DIM
 
 
 def test_existing_output_needs_overwrite(converted):

@@ -1,0 +1,68 @@
+"""Model bundles: training writes one, inference loads it (or an older checkpoint) to the same predictions."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from spine_jax.engine import bundle
+from spine_jax.engine import checkpoints
+from spine_jax.engine import predict as predict_lib
+from spine_jax.inference import restore
+
+
+def test_training_writes_a_bundle_without_training_fields(semantic_smoke_run):
+  spec = json.loads((semantic_smoke_run / "bundle" / bundle.SPEC_FILE).read_text())
+  assert spec["format"] == bundle.FORMAT and spec["task"] == "semantic" and spec["step"] == 4
+  assert set(spec["config"]) <= set(bundle.CONFIG_FIELDS) | {"data"}
+  assert "optimizer" not in spec["config"] and "phantom" not in spec["config"]["data"]
+  assert set(spec["config"]["data"]) <= set(bundle.DATA_FIELDS)
+
+
+def test_bundle_and_checkpoint_predict_the_same(semantic_smoke_run, tmp_path):
+  state_b, config_b, mesh = restore.load_for_inference(semantic_smoke_run, "semantic")
+  assert isinstance(state_b, bundle.InferenceState)
+  old = tmp_path / "run_without_bundle"  # as a work directory written before bundles existed
+  shutil.copytree(semantic_smoke_run / "checkpoints", old / "checkpoints")
+  state_c, config_c, _ = restore.load_for_inference(old, "semantic", mesh)
+  assert not isinstance(state_c, bundle.InferenceState)
+  assert config_b.model.to_dict() == config_c.model.to_dict()
+  x = np.random.default_rng(0).normal(size=(2, *config_b.data.patch.patch_size, 1)).astype(np.float32)
+  np.testing.assert_array_equal(predict_lib.semantic_logits_fn(state_b, mesh)(x),
+                                predict_lib.semantic_logits_fn(state_c, mesh)(x))
+
+
+def test_a_newer_checkpoint_wins_over_an_older_bundle(semantic_smoke_run, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(semantic_smoke_run, run)
+  spec = json.loads((run / "bundle" / bundle.SPEC_FILE).read_text())
+  spec["step"] = 1
+  (run / "bundle" / bundle.SPEC_FILE).write_text(json.dumps(spec))
+  state, _, _ = restore.load_for_inference(run, "semantic")
+  assert not isinstance(state, bundle.InferenceState)
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("spec_not_json", "is not readable JSON"),
+    ("spec_foreign", "is not a spine_jax model bundle"),
+    ("params_missing", "cannot be read"),
+    ("params_of_another_model", "does not fit the model"),
+])
+def test_damaged_bundle_is_one_clear_error(damage, fragment, semantic_smoke_run, tmp_path):
+  folder = tmp_path / "bundle"
+  shutil.copytree(semantic_smoke_run / "bundle", folder)
+  if damage == "spec_not_json":
+    (folder / bundle.SPEC_FILE).write_text("{")
+  elif damage == "spec_foreign":
+    (folder / bundle.SPEC_FILE).write_text(json.dumps({"format": "other"}))
+  elif damage == "params_missing":
+    (folder / bundle.PARAMS_FILE).unlink()
+  else:
+    np.savez(folder / bundle.PARAMS_FILE, **{"params/nope": np.zeros(3)})
+  with pytest.raises(checkpoints.CheckpointError, match=fragment):
+    restore.load_for_inference(folder, "semantic")
+
+
+def test_wrong_task_bundle(semantic_smoke_run):
+  with pytest.raises(checkpoints.CheckpointError, match="holds a 'semantic' model, not 'instance'"):
+    restore.load_for_inference(semantic_smoke_run / "bundle", "instance")
