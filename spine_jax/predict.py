@@ -50,8 +50,10 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output folder.")
 _NAME = flags.DEFINE_string("name", None, "Output name stem (default: the image file's name).")
 _INPUT = flags.DEFINE_string("input", None, "semantic, spine: a NIfTI file or a folder of them.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "semantic, spine: redo scans whose outputs exist.")
-_SEMANTIC_CHECKPOINT = flags.DEFINE_string("semantic_checkpoint", None, "spine: phase 1 (semantic) bundle, run or checkpoint.")
-_INSTANCE_CHECKPOINT = flags.DEFINE_string("instance_checkpoint", None, "spine: phase 2 (instance) bundle, run or checkpoint.")
+_SEMANTIC_CHECKPOINT = flags.DEFINE_string("semantic_checkpoint", None,
+                                           "spine: phase 1 (semantic) bundle, run or checkpoint.")
+_INSTANCE_CHECKPOINT = flags.DEFINE_string("instance_checkpoint", None,
+                                           "spine: phase 2 (instance) bundle, run or checkpoint.")
 _FIRST_VERTEBRA = flags.DEFINE_string(
     "first_vertebra", None, "spine: level (e.g. C2, T10) or SPINEPS id of the topmost vertebra in the field "
     "(default: the instance config's, 1 = C1).")
