@@ -46,7 +46,6 @@ from spine_jax.conversion import output as conversion_output
 from spine_jax.conversion import spineps_folder
 from spine_jax.conversion import torch_files
 from spine_jax.conversion.errors import ConversionError
-from spine_jax.data import patches
 from spine_jax.data import spatial
 from spine_jax.data import spine_labels
 from spine_jax.models import unet
@@ -64,7 +63,6 @@ class Plan:
   patch_size: tuple[int, ...]
   spacing: tuple[float, ...]
   spatial_order: tuple[int, ...]  # spatial_order[j]: the network axis of our model axis j
-  batch_dice: bool
 
 
 def read_json(path: pathlib.Path) -> dict[str, Any]:
@@ -252,7 +250,7 @@ def read_plan(plans: Mapping[str, Any], name: str, source) -> Plan:
   return Plan(configuration=name, arch=architecture(config, name, source),
               patch_size=_as_ints(_field(config, "patch_size", source, where), 3, source, f"{where}.patch_size"),
               spacing=tuple(float(v) for v in _field(config, "spacing", source, where)),
-              spatial_order=spatial_order(plans, source), batch_dice=bool(config.get("batch_dice", True)))
+              spatial_order=spatial_order(plans, source))
 
 
 def dataset_labels(dataset: Mapping[str, Any], source) -> dict[str, int]:
@@ -397,13 +395,11 @@ def remap_heads(variables: dict[str, Any], mapping: Mapping[int, int]) -> dict[s
 
 def semantic_config(plan: Plan, axcodes: Sequence[str], step_size: float,
                     provenance: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """A complete semantic-task config (as configs/semantic.py builds) for the converted network."""
-  from spine_jax.data.phantoms import mri as mri_phantoms
-
+  """The converted network's config as a model bundle holds it: architecture, preprocessing, patch
+  and window, and where the weights came from; nothing of training (no data set, no optimiser)."""
   order = plan.spatial_order
   c = ml_collections.ConfigDict()
   c.task = "semantic"
-  c.seed = 0
   c.model = unet.default_unet_config()
   c.model.update({k: v for k, v in plan.arch.items() if k not in ("kernel_sizes", "strides")})
   c.model.kernel_sizes = tuple(permute(k, order) for k in plan.arch["kernel_sizes"])
@@ -411,28 +407,11 @@ def semantic_config(plan: Plan, axcodes: Sequence[str], step_size: float,
   c.model.in_channels = 1
   c.model.num_classes = spine_labels.NUM_CLASSES
   c.data = ml_collections.ConfigDict()
-  c.data.source = "phantom"
-  c.data.manifest = ""
-  c.data.test_manifest = ""
-  c.data.phantom = mri_phantoms.whole_spine_config()
   c.data.preprocess = ml_collections.ConfigDict(dict(
       axcodes=tuple(axcodes), spacing=permute(plan.spacing, order), image_order=3,
       max_intensity=spatial.SPINEPS_MAX_INTENSITY, max_voxels=spatial.DEFAULT_MAX_VOXELS))
-  c.data.patch = patches.default_patch_config()
-  c.data.patch.patch_size = permute(plan.patch_size, order)
-  c.data.num_workers = 0
-  c.data.prep_workers = 2
-  c.batch_size = 2
-  c.num_train_steps = 250_000
-  c.optimizer = ml_collections.ConfigDict(dict(  # nnU-Net's own, for fine-tuning
-      name="sgd", learning_rate=1e-2, weight_decay=3e-5, b1=0.9, b2=0.999, momentum=0.99, nesterov=True,
-      warmup_steps=0, schedule="poly", end_learning_rate_factor=0.0, grad_clip_norm=12.0))
-  c.loss = ml_collections.ConfigDict(dict(batch_dice=plan.batch_dice))
+  c.data.patch = ml_collections.ConfigDict(dict(patch_size=permute(plan.patch_size, order)))
   c.inference = ml_collections.ConfigDict(dict(step_size=float(step_size), batch_size=2, mirror_axes=()))
-  c.log_every = 250
-  c.eval_every = 0
-  c.checkpoint_every = 5000
-  c.keep_checkpoints = 2
   c.converted_from = ml_collections.ConfigDict(dict(provenance))
   return c
 
