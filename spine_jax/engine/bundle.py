@@ -19,17 +19,17 @@ import json
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import ml_collections
 import numpy as np
-from flax import struct
 from flax import traverse_util
 
 from spine_jax.engine import checkpoints
 from spine_jax.engine import mesh as mesh_lib
 from spine_jax.engine import networks
+from spine_jax.engine import state as state_lib
 
 FORMAT = "spine_jax model bundle"
 VERSION = 1
@@ -38,13 +38,6 @@ PARAMS_FILE = "params.npz"
 BUNDLE_DIR = "bundle"  # inside a training work directory
 CONFIG_FIELDS = ("task", "model", "inference", "postprocess", "eval", "converted_from")
 DATA_FIELDS = ("preprocess", "patch", "cutout", "slices", "in_channels")
-
-
-class InferenceState(struct.PyTreeNode):
-  """The variables and apply function the predict functions use (a TrainState without an optimiser)."""
-  apply_fn: Callable = struct.field(pytree_node=False)
-  params: Any
-  batch_stats: Any
 
 
 def inference_config(config) -> ml_collections.ConfigDict:
@@ -124,7 +117,7 @@ def read_config(folder) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_read_spec(spec)["config"])
 
 
-def load_bundle(folder, mesh=None) -> tuple[InferenceState, ml_collections.ConfigDict]:
+def load_bundle(folder, mesh=None) -> tuple[state_lib.InferenceState, ml_collections.ConfigDict]:
   """(inference state replicated over `mesh`, config) of a bundle folder; the model is rebuilt from
   the bundle's config by the one network builder, and every variable is checked against it."""
   spec_path = _spec_path(folder)
@@ -132,11 +125,9 @@ def load_bundle(folder, mesh=None) -> tuple[InferenceState, ml_collections.Confi
     raise checkpoints.CheckpointError(f"{folder}: no {SPEC_FILE} (not a spine_jax model bundle)")
   root = spec_path.parent
   config = ml_collections.ConfigDict(_read_spec(spec_path)["config"])
-  model, init_shape = networks.build(config)
-  key = jax.random.key(0)
-  template = jax.eval_shape(lambda: model.init({"params": key, "dropout": key}, np.zeros(init_shape, np.float32),
-                                               train=False))
-  expected = traverse_util.flatten_dict(dict(template), sep="/")
+  mesh = mesh or mesh_lib.make_mesh()
+  model, abstract = networks.abstract_variables(config, mesh)
+  expected = traverse_util.flatten_dict(abstract, sep="/")
   try:
     with np.load(root / PARAMS_FILE, allow_pickle=False) as stored:
       arrays = {k: stored[k] for k in stored.files}
@@ -149,9 +140,8 @@ def load_bundle(folder, mesh=None) -> tuple[InferenceState, ml_collections.Confi
     raise checkpoints.CheckpointError(
         f"model bundle {root}: {PARAMS_FILE} does not fit the model its {SPEC_FILE} describes (missing "
         f"{missing[:3]}, unexpected {extra[:3]}, wrong shape {wrong[:3]})")
-  mesh = mesh or mesh_lib.make_mesh()
   variables = traverse_util.unflatten_dict(
       {tuple(k.split("/")): np.asarray(v, expected[k].dtype) for k, v in arrays.items()})
   variables = jax.device_put(variables, mesh_lib.replicated(mesh))
-  state = InferenceState(apply_fn=model.apply, params=variables["params"], batch_stats=variables.get("batch_stats", {}))
-  return state, config
+  return state_lib.InferenceState(apply_fn=model.apply, params=variables["params"],
+                                  batch_stats=variables.get("batch_stats", {})), config

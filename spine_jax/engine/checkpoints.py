@@ -138,16 +138,20 @@ def load_config(path) -> tuple[ml_collections.ConfigDict, pathlib.Path, int]:
     raise CheckpointError(f"checkpoint {root / str(step)}: its config {cfg_file} is not readable JSON ({e})") from None
 
 
-def restore_state_for_inference(root: pathlib.Path, step: int, abstract_state):
+def restore_variables(root: pathlib.Path, step: int, abstract_variables: dict) -> dict:
+  """The model's variables ({'params', 'batch_stats'}) of a checkpoint, without its optimiser state:
+  a partial restore into `abstract_variables` (shapes, dtypes and shardings)."""
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager neither saves nor creates
   try:
     mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
                                  item_names=("state", "data_iter", "config"))
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_variables)
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract_variables, restore_args=restore_args, partial_restore=True)))
   except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise many kinds; the user needs the folder
-    raise CheckpointError(f"checkpoint {root / str(step)} cannot be read (damaged or incomplete): "
-                          f"{_first_line(e)}") from e
+    raise CheckpointError(f"checkpoint {root / str(step)} cannot be read (damaged, incomplete, or not this "
+                          f"config's model): {_first_line(e)}") from e
   finally:
     logging.set_verbosity(verbosity)
-  return restored["state"]
+  return {"params": restored["state"]["params"], "batch_stats": restored["state"].get("batch_stats", {})}

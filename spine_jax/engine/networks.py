@@ -9,7 +9,10 @@ from __future__ import annotations
 from typing import Callable
 
 import flax.linen as nn
+import jax
+import numpy as np
 
+from spine_jax.engine import mesh as mesh_lib
 from spine_jax.models import instance_unet
 from spine_jax.models import multitask
 from spine_jax.models import unet
@@ -38,3 +41,15 @@ def build(config) -> tuple[nn.Module, tuple[int, ...]]:
   if name not in BUILDERS:
     raise ValueError(f"config.task: unknown task {name!r} ({', '.join(BUILDERS)})")
   return BUILDERS[name](config)
+
+
+def abstract_variables(config, mesh) -> tuple[nn.Module, dict]:
+  """(model, {'params', 'batch_stats'} as shapes and dtypes replicated over `mesh`): what a bundle or a
+  checkpoint is restored into, computed without initialising anything."""
+  model, init_shape = build(config)
+  key = jax.random.key(0)
+  shapes = jax.eval_shape(lambda: model.init({"params": key, "dropout": key}, np.zeros(init_shape, np.float32),
+                                             train=False))
+  replicated = mesh_lib.replicated(mesh)
+  variables = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
+  return model, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), variables)

@@ -1,7 +1,8 @@
-"""Train state and its creation with shardings: shapes first, then a jitted init placed on the mesh."""
+"""Train state and its creation with shardings: shapes first, then a jitted init placed on the mesh;
+and the inference state, a train state without its optimiser."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,13 @@ from spine_jax.engine import mesh as mesh_lib
 class TrainState(train_state.TrainState):
   """Flax's TrainState plus the model's non-trainable collections (BatchNorm statistics)."""
   batch_stats: Any = struct.field(default_factory=dict)
+
+
+class InferenceState(struct.PyTreeNode):
+  """What the predict functions use of a model: its apply function and variables, no optimiser."""
+  apply_fn: Callable = struct.field(pytree_node=False)
+  params: Any
+  batch_stats: Any
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:

@@ -1,11 +1,15 @@
-"""A trained or converted model back for inference: a model bundle, or a training checkpoint.
+"""A trained or converted model back for inference: from a model bundle, or from a training checkpoint.
 
-A bundle (`engine/bundle.py`) holds the variables and the inference part of the config. A training
-checkpoint holds the train state and the whole training config; restoring it rebuilds the
-optimiser. A work directory may hold both (training writes its bundle at the end of a run): the
-newer one is loaded, so a run continued after its bundle is read from its latest checkpoint.
+A bundle (`engine/bundle.py`) holds the variables and the inference part of the config; a training
+checkpoint holds the train state and the whole training config, of which only the model's variables
+are read (a partial restore: no optimiser is built). A work directory may hold both (training
+writes its bundle at the end of a run): the newer is loaded, so a run continued after its bundle
+is read from its latest checkpoint. Either way the network is rebuilt from the stored config by the
+one network builder, so architecture and preprocessing always match the weights.
 """
 from __future__ import annotations
+
+import pathlib
 
 from spine_jax.engine import bundle
 from spine_jax.engine import checkpoints
@@ -14,35 +18,38 @@ from spine_jax.engine import networks
 from spine_jax.engine import state as state_lib
 
 
+def find_model(path) -> tuple[str, pathlib.Path]:
+  """('bundle', its folder) or ('checkpoint', its step folder) that `path` (a bundle folder, a work
+  directory, its checkpoints/ folder or one step folder) stands for: the newer of the two."""
+  found = bundle.find_bundle(path)
+  try:
+    root, step = checkpoints.find_checkpoint(path)
+  except checkpoints.CheckpointError:
+    if found is None:
+      raise
+    return "bundle", found[0]
+  if found is not None and found[1] >= step:
+    return "bundle", found[0]
+  return "checkpoint", root / str(step)
+
+
 def _check_task(config, task_name: str, where) -> None:
   if config.get("task") != task_name:
     raise checkpoints.CheckpointError(f"checkpoint {where} holds a {config.get('task')!r} model, not {task_name!r}")
 
 
-def _newest_checkpoint_step(path) -> int | None:
-  try:
-    return checkpoints.find_checkpoint(path)[1]
-  except checkpoints.CheckpointError:
-    return None
-
-
 def load_for_inference(checkpoint, task_name: str, mesh=None):
-  """(state, config, mesh) of a bundle folder, a work directory, its checkpoints/ folder or one step
-  folder: the model is rebuilt from the stored config, so architecture and preprocessing always
-  match the weights."""
+  """(inference state replicated over the mesh, config, mesh) of a bundle or a training checkpoint."""
   mesh = mesh or mesh_lib.make_mesh()
-  found = bundle.find_bundle(checkpoint)
-  if found is not None:
-    folder, step = found
-    newer = _newest_checkpoint_step(checkpoint)
-    if newer is None or newer <= step:
-      config = bundle.read_config(folder)
-      _check_task(config, task_name, folder)
-      state, config = bundle.load_bundle(folder, mesh)
-      return state, config, mesh
-  config, root, step = checkpoints.load_config(checkpoint)
-  _check_task(config, task_name, root / str(step))
-  model, init_shape = networks.build(config)
-  tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
-  abstract = state_lib.abstract_train_state(model, tx, init_shape, mesh)
-  return checkpoints.restore_state_for_inference(root, step, abstract), config, mesh
+  kind, where = find_model(checkpoint)
+  if kind == "bundle":
+    _check_task(bundle.read_config(where), task_name, where)
+    state, config = bundle.load_bundle(where, mesh)
+    return state, config, mesh
+  config, root, step = checkpoints.load_config(where)
+  _check_task(config, task_name, where)
+  model, abstract = networks.abstract_variables(config, mesh)
+  variables = checkpoints.restore_variables(root, step, abstract)
+  state = state_lib.InferenceState(apply_fn=model.apply, params=variables["params"],
+                                   batch_stats=variables["batch_stats"])
+  return state, config, mesh

@@ -1,4 +1,5 @@
-"""Model bundles: training writes one, inference loads it (or an older checkpoint) to the same predictions."""
+"""Model bundles: training writes one, inference loads it (or a checkpoint, without its optimiser) to the same
+predictions."""
 import json
 import shutil
 
@@ -8,6 +9,7 @@ import pytest
 from spine_jax.engine import bundle
 from spine_jax.engine import checkpoints
 from spine_jax.engine import predict as predict_lib
+from spine_jax.engine import state as state_lib
 from spine_jax.inference import restore
 
 
@@ -20,12 +22,13 @@ def test_training_writes_a_bundle_without_training_fields(semantic_smoke_run):
 
 
 def test_bundle_and_checkpoint_predict_the_same(semantic_smoke_run, tmp_path):
+  assert restore.find_model(semantic_smoke_run) == ("bundle", semantic_smoke_run / "bundle")
   state_b, config_b, mesh = restore.load_for_inference(semantic_smoke_run, "semantic")
-  assert isinstance(state_b, bundle.InferenceState)
   old = tmp_path / "run_without_bundle"  # as a work directory written before bundles existed
   shutil.copytree(semantic_smoke_run / "checkpoints", old / "checkpoints")
+  assert restore.find_model(old) == ("checkpoint", old / "checkpoints" / "4")
   state_c, config_c, _ = restore.load_for_inference(old, "semantic", mesh)
-  assert not isinstance(state_c, bundle.InferenceState)
+  assert isinstance(state_b, state_lib.InferenceState) and isinstance(state_c, state_lib.InferenceState)
   assert config_b.model.to_dict() == config_c.model.to_dict()
   x = np.random.default_rng(0).normal(size=(2, *config_b.data.patch.patch_size, 1)).astype(np.float32)
   np.testing.assert_array_equal(predict_lib.semantic_logits_fn(state_b, mesh)(x),
@@ -38,8 +41,8 @@ def test_a_newer_checkpoint_wins_over_an_older_bundle(semantic_smoke_run, tmp_pa
   spec = json.loads((run / "bundle" / bundle.SPEC_FILE).read_text())
   spec["step"] = 1
   (run / "bundle" / bundle.SPEC_FILE).write_text(json.dumps(spec))
-  state, _, _ = restore.load_for_inference(run, "semantic")
-  assert not isinstance(state, bundle.InferenceState)
+  assert restore.find_model(run) == ("checkpoint", run / "checkpoints" / "4")
+  restore.load_for_inference(run, "semantic")
 
 
 @pytest.mark.parametrize("damage, fragment", [
