@@ -46,6 +46,7 @@ from spine_jax.conversion import output as conversion_output
 from spine_jax.conversion import spineps_folder
 from spine_jax.conversion import torch_files
 from spine_jax.conversion.errors import ConversionError
+from spine_jax.data import nifti
 from spine_jax.data import spatial
 from spine_jax.data import spine_labels
 from spine_jax.models import unet
@@ -426,7 +427,7 @@ def write_bundle(output, config: ml_collections.ConfigDict, variables: Mapping[s
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
   try:
     conversion_output.write_model(tmp, config, variables, extra_files=extra_files)
-    conversion_output.replace_directory(tmp, output)
+    nifti.replace_directory(tmp, output)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

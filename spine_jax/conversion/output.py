@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import pathlib
-import shutil
-import tempfile
 from typing import Any, Mapping
 
 
@@ -13,15 +11,3 @@ def write_model(directory, config, variables: Mapping[str, Any], *,
   ``config``, step 0; no optimiser) at ``directory``, which inference loads as it loads a trained model."""
   from spine_jax.engine import bundle
   return bundle.write_bundle(directory, config, variables, step=0, extra_files=extra_files)
-
-
-def replace_directory(tmp: pathlib.Path, output: pathlib.Path) -> None:
-  """Put the finished ``tmp`` at ``output`` by renames, moving an old ``output`` aside first and
-  deleting it only after, so ``output`` is never half written."""
-  if output.exists():
-    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
-    output.rename(old / output.name)
-    tmp.rename(output)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    tmp.rename(output)

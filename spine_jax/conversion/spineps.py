@@ -41,6 +41,7 @@ from spine_jax.conversion import torch_files
 from spine_jax.conversion.errors import ConversionError
 from spine_jax.conversion.spineps_folder import INFERENCE_CONFIG, model_folder, orientation, read_inference_config
 from spine_jax.data import instance_cutouts
+from spine_jax.data import nifti
 from spine_jax.data import spatial
 from spine_jax.data.phantoms import mri
 from spine_jax.inference.phase2 import common as phase2_common
@@ -265,7 +266,7 @@ _READ_FIELDS = ("modeltype", "model_expected_orientation", "resolution_range", "
 def _publish(tmp: pathlib.Path, output: pathlib.Path, overwrite: bool) -> None:
   if output.exists() and not overwrite:
     raise ConversionError(f"{output}: exists; choose another --output or pass --overwrite")
-  conversion_output.replace_directory(tmp, output)
+  nifti.replace_directory(tmp, output)
 
 
 def convert_instance_folder(folder, output, *, trust_pickle: bool = False, overwrite: bool = False) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import os
 import pathlib
+import shutil
 import tempfile
 
 import nibabel as nib
@@ -290,3 +291,16 @@ def atomic_save_nifti(array: np.ndarray, affine: np.ndarray, path, header=None, 
     img.header['descrip'] = description.encode('ascii')[:80]
   with _atomic_target(path, suffix) as tmp:
     nib.save(img, str(tmp))
+
+
+def replace_directory(tmp: pathlib.Path, output: pathlib.Path) -> None:
+  """Put the finished folder ``tmp`` at ``output`` by renames, moving an old ``output`` aside first and
+  deleting it only after, so ``output`` is never half written."""
+  tmp, output = pathlib.Path(tmp), pathlib.Path(output)
+  if output.exists():
+    old = pathlib.Path(tempfile.mkdtemp(prefix=f'.{output.name}.', suffix='.old', dir=output.parent))
+    output.rename(old / output.name)
+    tmp.rename(output)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    tmp.rename(output)

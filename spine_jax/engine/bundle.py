@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from spine_jax.data import nifti
 from spine_jax.engine import checkpoints
 from spine_jax.engine import mesh as mesh_lib
 from spine_jax.engine import networks
@@ -96,13 +97,7 @@ def write_bundle(directory, config, variables: Mapping[str, Any], *, step: int =
     (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     for name, text in (extra_files or {}).items():
       (tmp / name).write_text(text)
-    if directory.exists():
-      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
-      directory.rename(old / directory.name)
-      tmp.rename(directory)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      tmp.rename(directory)
+    nifti.replace_directory(tmp, directory)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
