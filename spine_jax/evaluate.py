@@ -51,24 +51,24 @@ def _output_path() -> pathlib.Path | None:
   if path.is_dir():
     raise app.UsageError(f"--output {path}: is a folder; give the report's file name")
   try:
-    batch.check_output_dir(path.parent)
+    batch.check_output_dir(path.parent, named=path)
   except batch.BatchError as e:
-    raise app.UsageError(str(e).replace(f"--output {path.parent}", f"--output {path}")) from None
+    raise app.UsageError(str(e)) from None
   return path
 
 
-def _report(command: str) -> tuple[dict, str, str]:
-  """(report, console table, file text) of one command."""
+def _report(command: str) -> tuple[str, str]:
+  """(console table, report file text) of one command."""
   if command == "seg":
     labels = [int(v) for v in _LABELS.value] if _LABELS.value else None
     report = segmentation.compare_files(_PRED.value, _REF.value, labels)
-    return report, segmentation.summary_table(report), json.dumps(report, indent=2) + "\n"
+    return segmentation.summary_table(report), json.dumps(report, indent=2) + "\n"
   groups = {g: instances.INSTANCE_GROUPS[g] for g in _GROUPS.value}
   report = instances.compare_instance_files(_PRED.value, _REF.value, groups, iou_threshold=_IOU_THRESHOLD.value,
                                             with_assd=_ASSD.value)
   as_csv = bool(_OUTPUT.value) and pathlib.Path(_OUTPUT.value).suffix.lower() == ".csv"
   text = instances.report_csv(report) if as_csv else json.dumps(report, indent=2) + "\n"
-  return report, instances.summary_table(report), text
+  return instances.summary_table(report), text
 
 
 def main(argv) -> None:
@@ -79,7 +79,7 @@ def main(argv) -> None:
     raise app.UsageError(f"{argv[1]} needs --pred and --ref")
   output = _output_path()
   try:
-    _, table, text = _report(argv[1])
+    table, text = _report(argv[1])
   except nifti.NiftiError as e:
     raise SystemExit(f"error: {e}") from None
   print(table)

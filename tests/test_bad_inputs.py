@@ -143,7 +143,8 @@ BAD_SCANS = {
     "truncated_data": (_truncated_nii, "Expected 9216 bytes, got 4432 bytes"),
     "huge_header": (_huge_header, "header claims shape (30000, 30000, 30000)"),
     "flat_2d": (lambda p: _save(p, np.ones((24, 24), np.int16)), "expected a 3D volume, got shape (24, 24)"),
-    "series_4d": (lambda p: _save(p, np.ones((24, 24, 8, 3), np.int16)), "expected a 3D volume, got shape (24, 24, 8, 3)"),
+    "series_4d": (lambda p: _save(p, np.ones((24, 24, 8, 3), np.int16)),
+                  "expected a 3D volume, got shape (24, 24, 8, 3)"),
     "nan_voxel": (_with_value(np.nan), "1 NaN or infinite voxel value(s)"),
     "inf_voxel": (_with_value(np.inf), "1 NaN or infinite voxel value(s)"),
     "nan_affine": (_nan_affine, "affine is not a finite 4x4 matrix"),
@@ -165,15 +166,16 @@ def mri_folder(tmp_path_factory):
   return folder, pathlib.Path(info["volumes"][0]["image"])
 
 
-def _failure_lines(run) -> dict[str, str]:
-  """scan file name -> its line in the failure list at the end of a batch run."""
+def _failure_list(run) -> list[str]:
+  """The lines of the failure list at the end of a batch run, one per failed scan."""
   lines = run.stderr.splitlines()
   start = next(i for i, line in enumerate(lines) if "scan(s) failed:" in line)
-  out = {}
-  for line in lines[start + 1:]:
-    name = line.strip().split(":", 1)[0]
-    out[pathlib.Path(name).name] = line
-  return out
+  return lines[start + 1:]
+
+
+def _failure_lines(run) -> dict[str, str]:
+  """scan file name -> its line in the failure list."""
+  return {pathlib.Path(line.strip().split(":", 1)[0]).name: line for line in _failure_list(run)}
 
 
 @pytest.fixture(scope="module")
@@ -280,14 +282,7 @@ def ct_batch(ct_smoke_run, tmp_path_factory):
 
 def _ct_failures(run) -> dict[str, str]:
   """case folder -> its line in the failure list."""
-  lines = run.stderr.splitlines()
-  start = next(i for i, line in enumerate(lines) if "scan(s) failed:" in line)
-  out = {}
-  for line in lines[start + 1:]:
-    for case in (*BAD_SCANS, *BAD_MASKS):
-      if f"/{case}/" in line:
-        out[case] = line
-  return out
+  return {case: line for line in _failure_list(run) for case in (*BAD_SCANS, *BAD_MASKS) if f"/{case}/" in line}
 
 
 def test_ct_pairs_do_the_good_pair_and_list_every_bad_one(ct_batch):
@@ -333,7 +328,8 @@ def test_predict_flags_checked_before_loading_a_model(tmp_path):
 
 def test_predict_output_that_is_a_file(tmp_path):
   (tmp_path / "file").write_text("keep")
-  _one_error(_run("predict", "ct", f"--checkpoint={tmp_path}", "--image=a", "--mask=b", f"--output={tmp_path / 'file'}"),
+  _one_error(_run("predict", "ct", f"--checkpoint={tmp_path}", "--image=a", "--mask=b",
+                  f"--output={tmp_path / 'file'}"),
              "--output", "is a file")
   assert (tmp_path / "file").read_text() == "keep"
 
@@ -533,10 +529,13 @@ MANIFEST_CASES = {
     "absent": (None, "manifest not found"),
     "empty": ("", "empty manifest"),
     "missing_column": ("image,mask,label\nct.nii.gz,seg.nii.gz,20\n", "missing column(s) quality, posterolateral"),
-    "extra_value": (f"{HEADER}\nct.nii.gz,seg.nii.gz,20,normal,none,oops\n", "row 1 (line 2): more values than columns"),
+    "extra_value": (f"{HEADER}\nct.nii.gz,seg.nii.gz,20,normal,none,oops\n",
+                    "row 1 (line 2): more values than columns"),
     "absent_image": (f"{HEADER}\nnope.nii.gz,seg.nii.gz,20,normal,none\n", "field 'image': file not found"),
-    "unknown_class": (f"{HEADER}\nct.nii.gz,seg.nii.gz,20,sclerotic,none\n", "field 'quality': unknown class 'sclerotic'"),
-    "bad_label": (f"{HEADER}\nct.nii.gz,seg.nii.gz,-3,normal,none\n", "field 'label': expected a positive whole number"),
+    "unknown_class": (f"{HEADER}\nct.nii.gz,seg.nii.gz,20,sclerotic,none\n",
+                      "field 'quality': unknown class 'sclerotic'"),
+    "bad_label": (f"{HEADER}\nct.nii.gz,seg.nii.gz,-3,normal,none\n",
+                  "field 'label': expected a positive whole number"),
     "label_not_in_mask": (f"{HEADER}\nct.nii.gz,seg.nii.gz,21,normal,none\n", "field 'label'"),
     "unknown_split": (f"{HEADER},split\nct.nii.gz,seg.nii.gz,20,normal,none,training\n", "unknown split 'training'"),
     "broken_image": (f"{HEADER}\nbroken.nii.gz,seg.nii.gz,20,normal,none\n", "broken.nii.gz"),

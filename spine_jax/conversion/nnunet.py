@@ -31,8 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import shutil
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -42,13 +40,12 @@ import numpy as np
 from flax import traverse_util
 
 from spine_jax.conversion import layout
-from spine_jax.conversion import output as conversion_output
 from spine_jax.conversion import spineps_folder
 from spine_jax.conversion import torch_files
-from spine_jax.conversion.errors import ConversionError
-from spine_jax.data import nifti
+from spine_jax.conversion.errors import ConversionError, refuse_existing
 from spine_jax.data import spatial
 from spine_jax.data import spine_labels
+from spine_jax.engine import bundle
 from spine_jax.models import unet
 
 NEVER_LOGIT = -1e4  # bias of a head for a structure the nnU-Net model does not predict
@@ -421,17 +418,8 @@ def write_bundle(output, config: ml_collections.ConfigDict, variables: Mapping[s
                  overwrite: bool = False, extra_files: Mapping[str, str] | None = None) -> pathlib.Path:
   """A model bundle (step 0: variables and the inference config) at ``output``, complete or not at all."""
   output = pathlib.Path(output).absolute()
-  if output.exists() and not overwrite:
-    raise ConversionError(f"{output}: exists; choose another --output or pass --overwrite")
-  output.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-  try:
-    conversion_output.write_model(tmp, config, variables, extra_files=extra_files)
-    nifti.replace_directory(tmp, output)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return output
+  refuse_existing(output, overwrite)
+  return bundle.write_bundle(output, config, variables, extra_files=extra_files)
 
 
 def _axcodes(requested, spineps_config, folder) -> tuple[str, ...]:

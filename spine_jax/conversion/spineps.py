@@ -36,14 +36,14 @@ import ml_collections
 import numpy as np
 
 from spine_jax.conversion import layout
-from spine_jax.conversion import output as conversion_output
 from spine_jax.conversion import torch_files
-from spine_jax.conversion.errors import ConversionError
+from spine_jax.conversion.errors import ConversionError, refuse_existing
 from spine_jax.conversion.spineps_folder import INFERENCE_CONFIG, model_folder, orientation, read_inference_config
 from spine_jax.data import instance_cutouts
 from spine_jax.data import nifti
 from spine_jax.data import spatial
 from spine_jax.data.phantoms import mri
+from spine_jax.engine import bundle
 from spine_jax.inference.phase2 import common as phase2_common
 from spine_jax.models import instance_unet
 
@@ -239,7 +239,7 @@ def instance_params(arrays: Mapping[str, np.ndarray], model_cfg, path) -> dict[s
 
 def write_instance_bundle(output, config, params, *, extra_files: Mapping[str, str] | None = None):
   """The instance model as a model bundle (step 0) at ``output``."""
-  return conversion_output.write_model(output, config, {"params": params}, extra_files=extra_files)
+  return bundle.write_bundle(output, config, {"params": params}, extra_files=extra_files)
 
 
 def prepare_instance(folder, *, trust_pickle: bool = False):
@@ -264,26 +264,18 @@ _READ_FIELDS = ("modeltype", "model_expected_orientation", "resolution_range", "
 
 
 def _publish(tmp: pathlib.Path, output: pathlib.Path, overwrite: bool) -> None:
-  if output.exists() and not overwrite:
-    raise ConversionError(f"{output}: exists; choose another --output or pass --overwrite")
+  refuse_existing(output, overwrite)  # again: it may have appeared while converting
   nifti.replace_directory(tmp, output)
 
 
 def convert_instance_folder(folder, output, *, trust_pickle: bool = False, overwrite: bool = False) -> dict[str, Any]:
-  """SPINEPS' instance model folder -> an instance checkpoint at ``output``, complete or not at all."""
+  """SPINEPS' instance model folder -> an instance model bundle at ``output``, complete or not at all."""
   output = pathlib.Path(output).absolute()
-  if output.exists() and not overwrite:
-    raise ConversionError(f"{output}: exists; choose another --output or pass --overwrite")
+  refuse_existing(output, overwrite)
   cfg, params, summary = prepare_instance(folder, trust_pickle=trust_pickle)
   summary["output"] = str(output)
-  output.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-  try:
-    write_instance_bundle(tmp, cfg, params, extra_files={"conversion.json": json.dumps(summary, indent=2)})
-    _publish(tmp, output, overwrite)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  refuse_existing(output, overwrite)  # again: it may have appeared while converting
+  write_instance_bundle(output, cfg, params, extra_files={"conversion.json": json.dumps(summary, indent=2)})
   return summary
 
 
@@ -299,8 +291,7 @@ def convert_pair(output, *, semantic_folder=None, instance_folder=None, trust_pi
   if semantic_folder is None and instance_folder is None:
     raise ConversionError("give --semantic_folder and/or --instance_folder")
   output = pathlib.Path(output).absolute()
-  if output.exists() and not overwrite:
-    raise ConversionError(f"{output}: exists; choose another --output or pass --overwrite")
+  refuse_existing(output, overwrite)
   prepared = prepare_instance(instance_folder, trust_pickle=trust_pickle) if instance_folder is not None else None
   output.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
@@ -315,8 +306,7 @@ def convert_pair(output, *, semantic_folder=None, instance_folder=None, trust_pi
     if prepared is not None:
       cfg, params, inst = prepared
       inst["output"] = str(output / "instance")
-      write_instance_bundle(tmp / "instance", cfg, params,
-                                extra_files={"conversion.json": json.dumps(inst, indent=2)})
+      write_instance_bundle(tmp / "instance", cfg, params, extra_files={"conversion.json": json.dumps(inst, indent=2)})
       summary["instance"] = inst
     _publish(tmp, output, overwrite)
   except BaseException:

@@ -104,14 +104,6 @@ def write_bundle(directory, config, variables: Mapping[str, Any], *, step: int =
   return directory
 
 
-def read_config(folder) -> ml_collections.ConfigDict:
-  """A bundle's config (the inference part of the model's config)."""
-  spec = _spec_path(folder)
-  if spec is None:
-    raise checkpoints.CheckpointError(f"{folder}: no {SPEC_FILE} (not a spine_jax model bundle)")
-  return ml_collections.ConfigDict(_read_spec(spec)["config"])
-
-
 def load_bundle(folder, mesh=None) -> tuple[state_lib.InferenceState, ml_collections.ConfigDict]:
   """(inference state replicated over `mesh`, config) of a bundle folder; the model is rebuilt from
   the bundle's config by the one network builder, and every variable is checked against it."""

@@ -79,17 +79,19 @@ def check_name(name: str) -> str:
   return text
 
 
-def check_output_dir(output) -> pathlib.Path:
-  """--output as a folder that exists (created) and can be written, checked before any work."""
+def check_output_dir(output, named=None) -> pathlib.Path:
+  """--output as a folder that exists (created) and can be written, checked before any work; errors
+  name `named` as the --output given (default the folder itself; an output file names the file)."""
   path = pathlib.Path(output)
+  shown = f"--output {named if named is not None else path}"
   if path.exists() and not path.is_dir():
-    raise BatchError(f"--output {path}: is a file, not a folder")
+    raise BatchError(f"{shown}: is a file, not a folder")
   try:
     path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=path):
-      pass
+      pass  # a file can be created and removed there
   except OSError as e:
-    raise BatchError(f"--output {path}: cannot write there ({e.strerror or e})") from None
+    raise BatchError(f"{shown}: cannot write there ({e.strerror or e})") from None
   return path
 
 

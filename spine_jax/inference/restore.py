@@ -43,8 +43,8 @@ def load_for_inference(checkpoint, task_name: str, mesh=None):
   mesh = mesh or mesh_lib.make_mesh()
   kind, where = find_model(checkpoint)
   if kind == "bundle":
-    _check_task(bundle.read_config(where), task_name, where)
     state, config = bundle.load_bundle(where, mesh)
+    _check_task(config, task_name, where)
     return state, config, mesh
   config, root, step = checkpoints.load_config(where)
   _check_task(config, task_name, where)
