@@ -9,11 +9,9 @@ U-Net computes with `conv='sliced'` on CPU (models/conv.py).
 import argparse
 import json
 import os
-import time
 
 from _timing import median_time
 import jax
-import jax.numpy as jnp
 
 from spine_jax.models import conv as conv_lib
 

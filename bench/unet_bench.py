@@ -32,7 +32,6 @@ def _model_and_patch(config_arg):
     cfg = unet.default_unet_config()
     cfg.strides = ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 1), (2, 2, 1))
     return cfg, (128, 128, 32)
-  from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
   import importlib.util
   path, _, variant = config_arg.partition(":")
   spec = importlib.util.spec_from_file_location("bench_config", path)

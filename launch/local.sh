@@ -4,7 +4,7 @@
 # Runs N processes of `python -m spine_jax.train` on this machine, joined into one distributed job the
 # way a multi-host launcher joins hosts: for testing multi-process code without a cluster.
 #
-#   launch/local.sh 2 --config=configs/mtl.py:smoke --workdir=/tmp/run2
+#   launch/local.sh 2 --config=configs/bone_quality.py:smoke --workdir=/tmp/run2
 #
 # Expects: run from the repository root (or with the package installed), N >= 1, then the usual train
 #   arguments: --config=FILE[:variant] --workdir=DIR [--config.field=value ...] [--heartbeat_timeout=S ...].

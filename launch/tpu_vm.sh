@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # launch/tpu_vm.sh: the same training command on every worker of a Cloud TPU VM slice, rerun after preemption.
 #
-#   TPU_NAME=my-v5e-32 ZONE=us-west4-a launch/tpu_vm.sh --config=configs/mtl.py:paper --workdir=/mnt/runs/mtl
+#   TPU_NAME=my-v5e-32 ZONE=us-west4-a launch/tpu_vm.sh --config=configs/bone_quality.py:paper --workdir=/mnt/runs/bone_quality
 #
 # Expects: gcloud installed and authenticated on this machine; a TPU VM slice TPU_NAME in ZONE (PROJECT
 #   optional, else gcloud's default); on every worker this repository at REPO_DIR (default ~/spine_jax)

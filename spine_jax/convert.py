@@ -3,6 +3,7 @@
   python -m spine_jax.convert densenet --input=densenet121.pth --output=densenet121.npz
   python -m spine_jax.convert nnunet --input=MODEL_FOLDER --output=runs/converted [--fold=0]
   python -m spine_jax.convert spineps --semantic_folder=SEM --instance_folder=INST --output=runs/spineps
+  python -m spine_jax.convert checkpoint --input=RUN_DIR[/checkpoints/STEP] --output=runs/bundle
 
 `densenet` checks a torchvision or MONAI DenseNet-121/169/201 state dict against the architecture it
 describes and writes its trunk as a torch-free .npz; train from it with
@@ -19,6 +20,10 @@ Lightning `*weights*.ckpt` of its Unet3D) into OUTPUT/semantic and OUTPUT/instan
 Either folder alone converts too. Lightning checkpoints often pickle their hyper-parameters: those
 need --trust_pickle.
 
+`checkpoint` writes the model bundle of a training checkpoint (a work directory's latest step, or the
+step folder given): its variables and inference config, without the optimiser, as training writes at
+the end of a run.
+
 Files are read with torch.load(weights_only=True): a file that holds more than tensors and plain data
 is refused unless --trust_pickle is given. Nothing is written unless the conversion succeeds.
 """
@@ -33,8 +38,9 @@ from absl import logging
 
 from spine_jax import cli
 
-_INPUT = flags.DEFINE_string("input", None, "densenet: a .pth/.pt state dict; nnunet: the model folder.")
-_OUTPUT = flags.DEFINE_string("output", None, "densenet: the .npz to write; nnunet: the model bundle folder; "
+_INPUT = flags.DEFINE_string("input", None, "densenet: a .pth/.pt state dict; nnunet: the model folder; "
+                             "checkpoint: a training work directory or one step folder.")
+_OUTPUT = flags.DEFINE_string("output", None, "densenet: the .npz to write; nnunet, checkpoint: the model bundle folder; "
                               "spineps: the folder to hold semantic/ and instance/.")
 _TRUST = flags.DEFINE_bool("trust_pickle", False, "Load files that need full pickle (can run code from the file).")
 _FOLD = flags.DEFINE_string("fold", "0", "nnunet: which fold_k to convert.")
@@ -45,11 +51,11 @@ _AXCODES = flags.DEFINE_string("axcodes", None, "nnunet: orientation the network
                                "PIR (default: inference_config.json's, else PIR).")
 _LABEL_MAP = flags.DEFINE_string("label_map", "", "nnunet: NAME=ID,... dataset.json label names (or values) to "
                                  "SPINEPS ids, for names that are not recognised.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "nnunet, spineps: replace an existing output folder.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "nnunet, spineps, checkpoint: replace an existing output folder.")
 _SEMANTIC_FOLDER = flags.DEFINE_string("semantic_folder", None, "spineps: SPINEPS' semantic model folder.")
 _INSTANCE_FOLDER = flags.DEFINE_string("instance_folder", None, "spineps: SPINEPS' instance model folder.")
 
-COMMANDS = ("densenet", "nnunet", "spineps")
+COMMANDS = ("densenet", "nnunet", "spineps", "checkpoint")
 
 
 def run_densenet() -> int:
@@ -65,18 +71,19 @@ def run_densenet() -> int:
 
 def run_nnunet() -> int:
   from spine_jax.conversion import nnunet
+  from spine_jax.conversion import nnunet_plans
 
   summary = nnunet.convert_folder(
       _INPUT.value, _OUTPUT.value, fold=_FOLD.value, configuration=_CONFIGURATION.value,
       checkpoint_name=_CHECKPOINT_NAME.value, axcodes=tuple(_AXCODES.value) if _AXCODES.value else None,
-      label_map=nnunet.parse_label_map(_LABEL_MAP.value), trust_pickle=_TRUST.value, overwrite=_OVERWRITE.value)
+      label_map=nnunet_plans.parse_label_map(_LABEL_MAP.value), trust_pickle=_TRUST.value, overwrite=_OVERWRITE.value)
   print(json.dumps(summary, indent=2))
   print(f"model bundle written: python -m spine_jax.predict semantic --checkpoint={summary['output']} ...")
   return 0
 
 
 def run_spineps() -> int:
-  from spine_jax.conversion import nnunet
+  from spine_jax.conversion import nnunet_plans
   from spine_jax.conversion import spineps
 
   summary = spineps.convert_pair(
@@ -84,11 +91,19 @@ def run_spineps() -> int:
       trust_pickle=_TRUST.value, overwrite=_OVERWRITE.value, fold=_FOLD.value,
       configuration=_CONFIGURATION.value, checkpoint_name=_CHECKPOINT_NAME.value,
       axcodes=tuple(_AXCODES.value) if _AXCODES.value else None,
-      label_map=nnunet.parse_label_map(_LABEL_MAP.value))
+      label_map=nnunet_plans.parse_label_map(_LABEL_MAP.value))
   print(json.dumps(summary, indent=2))
   if "semantic" in summary and "instance" in summary:
-    print(f"checkpoints written: python -m spine_jax.predict spine --semantic_checkpoint={summary['output']}/semantic "
+    print(f"model bundles written: python -m spine_jax.predict spine --semantic_checkpoint={summary['output']}/semantic "
           f"--instance_checkpoint={summary['output']}/instance ...")
+  return 0
+
+
+def run_checkpoint() -> int:
+  from spine_jax.conversion import checkpoint
+
+  summary = checkpoint.checkpoint_to_bundle(_INPUT.value, _OUTPUT.value, overwrite=_OVERWRITE.value)
+  print(f"{summary['source']}: {summary['task']} model of step {summary['step']} -> {summary['output']}")
   return 0
 
 
@@ -104,7 +119,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from spine_jax.conversion.errors import ConversionError
   try:
-    return {"densenet": run_densenet, "nnunet": run_nnunet, "spineps": run_spineps}[argv[1]]()
+    return {"densenet": run_densenet, "nnunet": run_nnunet, "spineps": run_spineps,
+            "checkpoint": run_checkpoint}[argv[1]]()
   except ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

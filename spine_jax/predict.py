@@ -1,13 +1,13 @@
 """Entry point for checkpoint inference.
 
-  python -m spine_jax.predict ct --checkpoint=RUN_DIR --image=ct.nii.gz --mask=vertebrae.nii.gz \
+  python -m spine_jax.predict bone_quality --checkpoint=RUN_DIR --image=ct.nii.gz --mask=vertebrae.nii.gz \
       --scheme=totalsegmentator --output=OUT_DIR
-  python -m spine_jax.predict ct --checkpoint=RUN_DIR --pairs=scans.csv --scheme=spineps --output=OUT_DIR
+  python -m spine_jax.predict bone_quality --checkpoint=RUN_DIR --pairs=scans.csv --scheme=spineps --output=OUT_DIR
 
   python -m spine_jax.predict semantic --checkpoint=RUN_DIR --input=scan.nii.gz|FOLDER --output=OUT_DIR
 
-`ct` classifies every labelled vertebra of a CT (bone quality, posterolateral involvement, partial
-SINS) and writes <name>_vertebrae.json and .csv. With --pairs (a CSV with columns image,mask), each
+`bone_quality` classifies every labelled vertebra of a CT (bone quality, posterolateral involvement, partial
+SINS) and writes <name>_bone_quality.json and .csv. With --pairs (a CSV with columns image,mask), each
 scan is done in turn; a failing scan is reported and the others go on.
 
 `semantic` segments sagittal T2w MRI (SPINEPS phase 1) into <name>_seg-spine_msk.nii.gz on the input's
@@ -70,7 +70,7 @@ _STEP_SIZE = flags.DEFINE_float(
     "checkpoint's config.inference.step_size, 0.5); larger is faster and coarser.")
 flags.register_validator("step_size", lambda v: v is None or 0.0 < v <= 1.0, "--step_size must be in (0, 1]")
 
-COMMANDS = ("ct", "semantic", "spine")
+COMMANDS = ("bone_quality", "semantic", "spine")
 
 
 def inference_overrides(config, disable_tta: bool = False, step_size: float | None = None) -> None:
@@ -123,12 +123,12 @@ def _report_failures(failures, total: int) -> int:
   return 1 if failures else 0
 
 
-def run_ct() -> int:
-  from spine_jax.inference import vertebrae
+def run_bone_quality() -> int:
+  from spine_jax.inference import bone_quality
   from spine_jax.reports import vertebra_report
 
   if not _CHECKPOINT.value or not _OUTPUT.value:
-    raise app.UsageError("ct needs --checkpoint and --output")
+    raise app.UsageError("bone_quality needs --checkpoint and --output")
   if _PAIRS.value:
     pairs = _read_pairs(_PAIRS.value)
     root = pathlib.Path(_PAIRS.value).parent
@@ -136,19 +136,19 @@ def run_ct() -> int:
     pairs = [(pathlib.Path(_IMAGE.value), pathlib.Path(_MASK.value))]
     root = None
   else:
-    raise app.UsageError("ct needs --image and --mask, or --pairs")
+    raise app.UsageError("bone_quality needs --image and --mask, or --pairs")
   jobs = batch.plan_jobs([image for image, _ in pairs], _OUTPUT.value, root=root, name=_NAME.value)
   batch.check_output_dir(_OUTPUT.value)
-  state, config, mesh = vertebrae.load_classifier(_CHECKPOINT.value)
+  state, config, mesh = bone_quality.load_bone_quality(_CHECKPOINT.value)
   failures = []
   for i, (job, (image, mask)) in enumerate(zip(jobs, pairs), 1):  # plan_jobs keeps the order
     try:
-      rows, ignored = vertebrae.classify_ct(state, config, mesh, image, mask, scheme=_SCHEME.value,
+      rows, ignored = bone_quality.classify_ct(state, config, mesh, image, mask, scheme=_SCHEME.value,
                                             labels=_LABELS.value)
       meta = {"image": str(image), "mask": str(mask), "scheme": _SCHEME.value, "ignored_labels": ignored,
               "checkpoint": str(pathlib.Path(_CHECKPOINT.value).absolute()),
-              "classes": {"quality": list(vertebrae.QUALITY_CLASSES),
-                          "posterolateral": list(vertebrae.POSTEROLATERAL_CLASSES)}}
+              "classes": {"quality": list(bone_quality.QUALITY_CLASSES),
+                          "posterolateral": list(bone_quality.POSTEROLATERAL_CLASSES)}}
       json_path, csv_path = vertebra_report.write_reports(rows, meta, job.out_dir, job.stem)
       print(f"[{i}/{len(jobs)}] {image}: {len(rows)} vertebrae -> {json_path}, {csv_path}", flush=True)
       _print_ct_rows(rows, ignored)
@@ -343,7 +343,7 @@ def main(argv):
     raise app.UsageError(f"usage: python -m spine_jax.predict {{{'|'.join(COMMANDS)}}} --flags (got {argv[1:]})")
   logging.set_verbosity(logging.WARNING)
   try:
-    return {"ct": run_ct, "semantic": run_semantic, "spine": run_spine}[argv[1]]()
+    return {"bone_quality": run_bone_quality, "semantic": run_semantic, "spine": run_spine}[argv[1]]()
   except (batch.BatchError, checkpoints.CheckpointError) as e:  # the run as a whole cannot start
     print(f"error: {e}", file=sys.stderr)
     return 1

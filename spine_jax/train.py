@@ -1,4 +1,4 @@
-"""Entry point: python -m spine_jax.train --config=configs/mtl.py --workdir=DIR [--config.field=value].
+"""Entry point: python -m spine_jax.train --config=configs/bone_quality.py --workdir=DIR [--config.field=value].
 
 The same command runs on one device, one host, or as one of many processes of a multi-host job:
 `--distributed` (or SPINE_JAX_DISTRIBUTED=1, or any of --coordinator_address/--num_processes/

@@ -35,9 +35,9 @@ def _smoke_run(tmp_path_factory, config_module: str) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def ct_smoke_run(tmp_path_factory):
+def bone_quality_smoke_run(tmp_path_factory):
   """Work directory of the CT multi-task classifier trained for a few steps (smoke config); read-only."""
-  return _smoke_run(tmp_path_factory, "mtl")
+  return _smoke_run(tmp_path_factory, "bone_quality")
 
 
 @pytest.fixture(scope="session")

@@ -229,7 +229,7 @@ def test_blank_scan_is_done_with_a_warning(batch, request):
 
 
 # --------------------------------------------------------------------------------------------------
-# predict ct --pairs: bad images and masks, each a row beside a good pair.
+# predict bone_quality --pairs: bad images and masks, each a row beside a good pair.
 
 
 def _ct_pair():
@@ -258,7 +258,7 @@ BAD_MASKS = {
 
 
 @pytest.fixture(scope="module")
-def ct_batch(ct_smoke_run, tmp_path_factory):
+def bone_quality_batch(bone_quality_smoke_run, tmp_path_factory):
   folder = tmp_path_factory.mktemp("bad_ct")
   image, mask = _ct_pair()
   _save(folder / "good_ct.nii.gz", image)
@@ -276,7 +276,7 @@ def ct_batch(ct_smoke_run, tmp_path_factory):
     rows.append(f"{name}/ct.nii.gz,{name}/seg.nii.gz")
   (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
   out = tmp_path_factory.mktemp("ct_out")
-  return _run("predict", "ct", f"--checkpoint={ct_smoke_run}", f"--pairs={folder / 'pairs.csv'}",
+  return _run("predict", "bone_quality", f"--checkpoint={bone_quality_smoke_run}", f"--pairs={folder / 'pairs.csv'}",
               f"--output={out}"), out
 
 
@@ -285,18 +285,18 @@ def _ct_failures(run) -> dict[str, str]:
   return {case: line for line in _failure_list(run) for case in (*BAD_SCANS, *BAD_MASKS) if f"/{case}/" in line}
 
 
-def test_ct_pairs_do_the_good_pair_and_list_every_bad_one(ct_batch):
-  run, out = ct_batch
+def test_bone_quality_pairs_do_the_good_pair_and_list_every_bad_one(bone_quality_batch):
+  run, out = bone_quality_batch
   total = len(BAD_SCANS) + len(BAD_MASKS)
   assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
   assert f"{total} of {total + 1} scan(s) failed:" in run.stderr
   assert set(_ct_failures(run)) == set(BAD_SCANS) | set(BAD_MASKS)
-  assert _files(out) == ["good_ct_vertebrae.csv", "good_ct_vertebrae.json"]
+  assert _files(out) == ["good_ct_bone_quality.csv", "good_ct_bone_quality.json"]
 
 
 @pytest.mark.parametrize("case", sorted(BAD_SCANS) + sorted(BAD_MASKS))
-def test_bad_file_in_a_ct_pair(case, ct_batch):
-  run, _ = ct_batch
+def test_bad_file_in_a_bone_quality_pair(case, bone_quality_batch):
+  run, _ = bone_quality_batch
   line = _ct_failures(run)[case]
   assert {**BAD_SCANS, **BAD_MASKS}[case][1] in line, line
   assert (f"/{case}/seg.nii.gz" if case in BAD_MASKS else f"/{case}/ct.nii.gz") in line
@@ -310,16 +310,16 @@ def test_predict_usage_errors(tmp_path):
   _one_error(_run("predict", "semantic"), "semantic needs --checkpoint, --input and --output")
   _one_error(_run("predict", "nope"), "{ct|semantic|spine}")
   _one_error(_run("predict"), "{ct|semantic|spine}")
-  _one_error(_run("predict", "ct", "--nope=1"), "Unknown command line flag 'nope'")
+  _one_error(_run("predict", "bone_quality", "--nope=1"), "Unknown command line flag 'nope'")
   _one_error(_run("predict", "semantic", "--step_size=2", "--checkpoint=c", "--input=i", f"--output={tmp_path}"),
              "--step_size must be in (0, 1]")
-  _one_error(_run("predict", "ct", "--checkpoint=c", "--image=a", "--mask=b", "--scheme=nope", f"--output={tmp_path}"),
+  _one_error(_run("predict", "bone_quality", "--checkpoint=c", "--image=a", "--mask=b", "--scheme=nope", f"--output={tmp_path}"),
              "--scheme")
 
 
 def test_predict_flags_checked_before_loading_a_model(tmp_path):
   absent = tmp_path / "no_checkpoint"
-  ct = ["ct", f"--checkpoint={absent}", "--image=a.nii.gz", "--mask=b.nii.gz", f"--output={tmp_path / 'o'}"]
+  ct = ["bone_quality", f"--checkpoint={absent}", "--image=a.nii.gz", "--mask=b.nii.gz", f"--output={tmp_path / 'o'}"]
   _one_error(_run("predict", *ct, "--labels=20,x"), "--labels")
   _one_error(_run("predict", *ct, "--name=../../x"), "--name '../../x'")
   _one_error(_run("predict", *ct), str(absent), "does not exist")
@@ -328,7 +328,7 @@ def test_predict_flags_checked_before_loading_a_model(tmp_path):
 
 def test_predict_output_that_is_a_file(tmp_path):
   (tmp_path / "file").write_text("keep")
-  _one_error(_run("predict", "ct", f"--checkpoint={tmp_path}", "--image=a", "--mask=b",
+  _one_error(_run("predict", "bone_quality", f"--checkpoint={tmp_path}", "--image=a", "--mask=b",
                   f"--output={tmp_path / 'file'}"),
              "--output", "is a file")
   assert (tmp_path / "file").read_text() == "keep"
@@ -346,11 +346,11 @@ def _unwritable_folder(tmp_path) -> pathlib.Path:
 
 def test_predict_output_that_cannot_be_written(tmp_path):
   out = _unwritable_folder(tmp_path)
-  _one_error(_run("predict", "ct", f"--checkpoint={tmp_path}", "--image=a", "--mask=b", f"--output={out}"),
+  _one_error(_run("predict", "bone_quality", f"--checkpoint={tmp_path}", "--image=a", "--mask=b", f"--output={out}"),
              f"--output {out}: cannot write there")
 
 
-def test_predict_missing_inputs(ct_smoke_run, semantic_smoke_run, tmp_path):
+def test_predict_missing_inputs(bone_quality_smoke_run, semantic_smoke_run, tmp_path):
   out = tmp_path / "o"
   _one_error(_run("predict", "semantic", f"--checkpoint={semantic_smoke_run}", f"--input={tmp_path / 'nope'}",
                   f"--output={out}"), "nope", "no such file or folder")
@@ -358,11 +358,11 @@ def test_predict_missing_inputs(ct_smoke_run, semantic_smoke_run, tmp_path):
   (tmp_path / "no_scans" / "notes.txt").write_text("x")
   _one_error(_run("predict", "semantic", f"--checkpoint={semantic_smoke_run}", f"--input={tmp_path / 'no_scans'}",
                   f"--output={out}"), "no_scans", "no .nii or .nii.gz files")
-  run = _run("predict", "ct", f"--checkpoint={ct_smoke_run}", f"--image={tmp_path / 'absent.nii.gz'}",
+  run = _run("predict", "bone_quality", f"--checkpoint={bone_quality_smoke_run}", f"--image={tmp_path / 'absent.nii.gz'}",
              f"--mask={tmp_path / 'absent_seg.nii.gz'}", f"--output={out}")
   assert run.returncode == 1 and "Traceback" not in run.stderr and "absent.nii.gz: file not found" in run.stderr
   (tmp_path / "folder.nii.gz").mkdir()
-  run = _run("predict", "ct", f"--checkpoint={ct_smoke_run}", f"--image={tmp_path / 'folder.nii.gz'}",
+  run = _run("predict", "bone_quality", f"--checkpoint={bone_quality_smoke_run}", f"--image={tmp_path / 'folder.nii.gz'}",
              f"--mask={tmp_path / 'absent_seg.nii.gz'}", f"--output={out}")
   assert run.returncode == 1 and "Traceback" not in run.stderr and "folder.nii.gz: not a regular file" in run.stderr
   _nothing_written(out)
@@ -397,7 +397,7 @@ def test_bad_pairs_file(case, tmp_path):
     pairs.write_bytes(content)
   elif content is not None:
     pairs.write_text(content)
-  _one_error(_run("predict", "ct", f"--checkpoint={tmp_path}", f"--pairs={pairs}", f"--output={tmp_path / 'o'}"),
+  _one_error(_run("predict", "bone_quality", f"--checkpoint={tmp_path}", f"--pairs={pairs}", f"--output={tmp_path / 'o'}"),
              *fragments)
   _nothing_written(tmp_path / "o")
 
@@ -414,19 +414,19 @@ CHECKPOINT_CASES = {
     "absent": (lambda tmp, runs: tmp / "absent", "does not exist"),
     "empty_folder": (lambda tmp, runs: (tmp / "empty").mkdir() or tmp / "empty", "no spine_jax checkpoint"),
     "a_file": (lambda tmp, runs: (tmp / "f.ckpt").write_text("x") and tmp / "f.ckpt", "f.ckpt"),
-    "damaged": (lambda tmp, runs: _damaged_copy(runs["ct"], tmp / "damaged"), "cannot be read"),
+    "damaged": (lambda tmp, runs: _damaged_copy(runs["bone_quality"], tmp / "damaged"), "cannot be read"),
     "wrong_task": (lambda tmp, runs: runs["semantic"], "semantic"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
-def test_bad_checkpoint(case, ct_smoke_run, semantic_smoke_run, tmp_path):
+def test_bad_checkpoint(case, bone_quality_smoke_run, semantic_smoke_run, tmp_path):
   make, fragment = CHECKPOINT_CASES[case]
-  checkpoint = make(tmp_path, {"ct": ct_smoke_run, "semantic": semantic_smoke_run})
+  checkpoint = make(tmp_path, {"bone_quality": bone_quality_smoke_run, "semantic": semantic_smoke_run})
   image, mask = _ct_pair()
   _save(tmp_path / "ct.nii.gz", image)
   _save(tmp_path / "seg.nii.gz", mask)
-  _one_error(_run("predict", "ct", f"--checkpoint={checkpoint}", f"--image={tmp_path / 'ct.nii.gz'}",
+  _one_error(_run("predict", "bone_quality", f"--checkpoint={checkpoint}", f"--image={tmp_path / 'ct.nii.gz'}",
                   f"--mask={tmp_path / 'seg.nii.gz'}", f"--output={tmp_path / 'o'}"), fragment)
   _nothing_written(tmp_path / "o")
 
@@ -550,7 +550,7 @@ def test_bad_training_manifest(case, tmp_path):
   manifest = tmp_path / ("manifest.txt" if case == "unknown_format" else "manifest.csv")
   if content is not None:
     manifest.write_text(content)
-  _one_error(_run("train", "--config=configs/mtl.py:smoke", f"--workdir={tmp_path / 'w'}",
+  _one_error(_run("train", "--config=configs/bone_quality.py:smoke", f"--workdir={tmp_path / 'w'}",
                   "--config.data.source=manifest", f"--config.data.manifest={manifest}"), manifest.name, fragment)
   assert not (tmp_path / "w" / "checkpoints").exists()
 
@@ -572,14 +572,14 @@ def test_bad_segmentation_manifest(case, tmp_path):
 
 
 TRAIN_CASES = {
-    "unknown_variant": (("--config=configs/mtl.py:nope",), "configs/mtl.py: unknown variant(s) ['nope']"),
+    "unknown_variant": (("--config=configs/bone_quality.py:nope",), "configs/bone_quality.py: unknown variant(s) ['nope']"),
     "absent_config": (("--config=configs/nope.py",), "configs/nope.py"),
-    "unknown_field": (("--config=configs/mtl.py:smoke", "--config.nope=1"), "no field 'nope'"),
-    "wrong_type": (("--config=configs/mtl.py:smoke", "--config.batch_size=abc"), "batch_size"),
-    "zero_batch": (("--config=configs/mtl.py:smoke", "--config.batch_size=0"), "config.batch_size 0"),
-    "batch_not_divisible": (("--config=configs/mtl.py:smoke", "--config.batch_size=3"), "not divisible"),
-    "bad_init_from": (("--config=configs/mtl.py:smoke", "--config.model.init_from=INIT"), "init.npz"),
-    "no_workdir": (("--config=configs/mtl.py:smoke", "--workdir="), "--workdir"),
+    "unknown_field": (("--config=configs/bone_quality.py:smoke", "--config.nope=1"), "no field 'nope'"),
+    "wrong_type": (("--config=configs/bone_quality.py:smoke", "--config.batch_size=abc"), "batch_size"),
+    "zero_batch": (("--config=configs/bone_quality.py:smoke", "--config.batch_size=0"), "config.batch_size 0"),
+    "batch_not_divisible": (("--config=configs/bone_quality.py:smoke", "--config.batch_size=3"), "not divisible"),
+    "bad_init_from": (("--config=configs/bone_quality.py:smoke", "--config.model.init_from=INIT"), "init.npz"),
+    "no_workdir": (("--config=configs/bone_quality.py:smoke", "--workdir="), "--workdir"),
 }
 
 
@@ -596,10 +596,10 @@ def test_bad_training_flags(case, tmp_path):
 
 def test_train_workdir_that_is_a_file_or_cannot_be_written(tmp_path):
   (tmp_path / "file").write_text("keep")
-  _one_error(_run("train", "--config=configs/mtl.py:smoke", f"--workdir={tmp_path / 'file'}"), "file")
+  _one_error(_run("train", "--config=configs/bone_quality.py:smoke", f"--workdir={tmp_path / 'file'}"), "file")
   assert (tmp_path / "file").read_text() == "keep"
   workdir = _unwritable_folder(tmp_path)
-  _one_error(_run("train", "--config=configs/mtl.py:smoke", f"--workdir={workdir}"), str(workdir))
+  _one_error(_run("train", "--config=configs/bone_quality.py:smoke", f"--workdir={workdir}"), str(workdir))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,12 +2,12 @@
 import jax
 import pytest
 
-from configs import mtl
+from configs import bone_quality
 from configs import semantic
 from spine_jax.engine import state as state_lib
 from spine_jax.training import tasks
 
-VARIANTS = [(mtl, v) for v in ("", "baseline", "soft", "posterolateral", "paper", "smoke", "baseline,smoke")] + \
+VARIANTS = [(bone_quality, v) for v in ("", "baseline", "soft", "posterolateral", "paper", "smoke", "baseline,smoke")] + \
     [(semantic, v) for v in ("", "nnunet", "bf16", "smoke")]
 
 
@@ -24,4 +24,4 @@ def test_variant_builds_and_initialises(module, variant):
 
 def test_unknown_variant_is_refused():
   with pytest.raises(ValueError, match="unknown variant"):
-    mtl.get_config("papr")
+    bone_quality.get_config("papr")

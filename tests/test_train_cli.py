@@ -14,12 +14,12 @@ def _train(*args, timeout=600):
 
 def test_train_then_resume(tmp_path):
   workdir = tmp_path / "run"
-  first = _train("--config=configs/mtl.py:smoke", f"--workdir={workdir}", "--config.num_train_steps=4")
+  first = _train("--config=configs/bone_quality.py:smoke", f"--workdir={workdir}", "--config.num_train_steps=4")
   assert first.returncode == 0, first.stderr[-3000:]
   assert "step 4/4" in first.stdout and "balanced accuracy" in first.stdout
   train_lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in train_lines if l["split"] == "train"] == [2, 4]
-  second = _train("--config=configs/mtl.py:smoke", f"--workdir={workdir}", "--config.num_train_steps=6")
+  second = _train("--config=configs/bone_quality.py:smoke", f"--workdir={workdir}", "--config.num_train_steps=6")
   assert second.returncode == 0, second.stderr[-3000:]
   assert "resumed from step 4" in second.stdout
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -28,7 +28,7 @@ def test_train_then_resume(tmp_path):
 
 
 def test_unknown_config_field_is_named(tmp_path):
-  out = _train("--config=configs/mtl.py:smoke", f"--workdir={tmp_path}", "--config.model.no_such_field=1")
+  out = _train("--config=configs/bone_quality.py:smoke", f"--workdir={tmp_path}", "--config.model.no_such_field=1")
   assert out.returncode != 0
   assert "--config.model.no_such_field=1" in out.stderr and "no_such_field" in out.stderr
   assert "Traceback" not in out.stderr
@@ -36,7 +36,7 @@ def test_unknown_config_field_is_named(tmp_path):
 
 
 def test_unknown_variant_is_named(tmp_path):
-  out = _train("--config=configs/mtl.py:smokey", f"--workdir={tmp_path}")
+  out = _train("--config=configs/bone_quality.py:smokey", f"--workdir={tmp_path}")
   assert out.returncode != 0 and "smokey" in out.stderr
 
 
@@ -44,7 +44,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_for_requeue(tmp_path):
   import signal
   import time
   workdir = tmp_path / "run"
-  proc = subprocess.Popen([sys.executable, "-m", "spine_jax.train", "--config=configs/mtl.py:smoke",
+  proc = subprocess.Popen([sys.executable, "-m", "spine_jax.train", "--config=configs/bone_quality.py:smoke",
                            f"--workdir={workdir}", "--config.num_train_steps=1000000", "--config.log_every=20",
                            "--config.checkpoint_every=0"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
   reached = None

@@ -21,7 +21,7 @@ What the instance conversion takes from where:
   finer bound), ``cutout_size``, ``corpus_size_cleaning`` (-> ``inference.min_body_voxels``),
   ``vert_size_threshold`` (-> ``inference.min_instance_voxels``) and ``mapping`` (must relabel
   41..48 -> 1..8 and 49 -> 9 as ``inference/phase2/cutouts.py`` does). Other fields are ignored.
-* everything else: ``spineps_instance_config`` (SPINEPS 1.x scale, Adam at zero).
+* everything else: ``spineps_instance_config`` (SPINEPS 1.x scale).
 """
 from __future__ import annotations
 
@@ -42,7 +42,6 @@ from spine_jax.conversion.spineps_folder import INFERENCE_CONFIG, model_folder, 
 from spine_jax.data import instance_cutouts
 from spine_jax.data import nifti
 from spine_jax.data import spatial
-from spine_jax.data.phantoms import mri
 from spine_jax.engine import bundle
 from spine_jax.inference.phase2 import common as phase2_common
 from spine_jax.models import instance_unet
@@ -117,54 +116,28 @@ def _triple(value, n, what, source, kind=float) -> tuple:
 
 
 def spineps_instance_config() -> ml_collections.ConfigDict:
-  """The instance task at SPINEPS 1.x scale, complete: the reference spacing, 248 x 304 x 64 cutouts,
-  widths 16..128 (5.4 M parameters), the authors' Adam 1e-4 decaying to 1%.
-
-  SPINEPS' instance model with its authors' training values, as a spine_jax config: the converter
-  starts from it and takes the architecture and phase-2 settings from the model folder;
-  `configs/instance.py` starts from it and chooses the CPU values.
+  """SPINEPS' instance model as a bundle describes it: the network at SPINEPS 1.x scale (widths
+  16..128, 5.4 M parameters), the reference spacing in PIR, 248 x 304 x 64 cutouts and phase 2's
+  settings. No training field: the converter takes the architecture and phase-2 settings from
+  the model folder; `configs/instance.py` adds what training needs.
   """
   c = ml_collections.ConfigDict()
   c.task = "instance"
-  c.seed = 0
   c.model = instance_unet.default_instance_unet_config()
-  c.model.remat = True
-  # Volumes as the semantic task reads them (phantoms or a manifest with an instance column).
   c.data = ml_collections.ConfigDict()
-  c.data.source = "phantom"          # 'phantom' | 'manifest'
-  c.data.manifest = ""               # CSV / JSON lines: image, semantic, instance[, split]
-  c.data.test_manifest = ""
-  c.data.phantom = mri.default_mri_phantom_config()
-  c.data.phantom.num_test_volumes = 24  # "every vertebra found" is a per-volume rate: 8 is too coarse
-  c.data.phantom.shape = (0, 0, 0)   # fit every axis to the anatomy: a full-width field
   c.data.preprocess = ml_collections.ConfigDict(dict(
       axcodes=spatial.PIR, spacing=spatial.REFERENCE_SPACING, image_order=3,
       max_intensity=spatial.SPINEPS_MAX_INTENSITY, max_voxels=spatial.DEFAULT_MAX_VOXELS))
   c.data.cutout = instance_cutouts.default_cutout_config()
-  c.data.num_workers = 0             # grain worker processes for cutout sampling
-  c.data.prep_workers = 2            # processes preparing volumes at start-up
-  c.batch_size = 4
-  c.num_train_steps = 50_000
-  # The authors' Adam 1e-4 with linear decay to 1% (poly 0.9 is the nearest schedule here) and an
-  # L2 penalty on the weights (coupled weight decay here).
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", learning_rate=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, warmup_steps=0,
-      schedule="poly", end_learning_rate_factor=0.01, grad_clip_norm=0.0))
-  # SPINEPS: cross-entropy + soft Dice over the foreground classes, Dice per sample.
-  c.loss = ml_collections.ConfigDict(dict(batch_dice=False))
-  # Phase 2 as evaluation runs it (inference/phase2), with the training cutout size: one size
-  # for both (changing either field moves the other).
+  # Phase 2 as inference and evaluation run it (inference/phase2), with the training cutout size:
+  # one size for both (changing either field moves the other).
   c.inference = phase2_common.default_instance_config()
   c.inference.cutout_size = c.data.cutout.get_ref("cutout_size")
-  c.log_every = 100
-  c.eval_every = 5000                # held-out Dice during training (0: only at the end)
-  c.checkpoint_every = 2000
-  c.keep_checkpoints = 2
   return c
 
 
 def instance_config(arch: Mapping[str, Any], config: Mapping[str, Any], folder, provenance: Mapping[str, Any]):
-  """A complete instance-task config: `spineps_instance_config`, the weights' architecture and the
+  """An instance bundle's config: `spineps_instance_config`, the weights' architecture and the
   inference_config.json fields listed in the module docstring."""
   source = pathlib.Path(folder) / INFERENCE_CONFIG
   c = spineps_instance_config()

@@ -116,7 +116,7 @@ def classifier_transform(aug_cfg, in_channels: int):
 CLASSIFIER_KEYS = ("image", "quality", "posterolateral")
 
 
-def classifier_train_iterator(arrays, config, process_index=None, process_count=None):
+def bone_quality_train_iterator(arrays, config, process_index=None, process_count=None):
   indices = oversample_minority(arrays["quality"], config.data.get("normal_fraction", 0.0), config.seed)
   source = ArraySource(arrays, CLASSIFIER_KEYS, indices)
   transform = classifier_transform(config.data.augment, config.data.in_channels)

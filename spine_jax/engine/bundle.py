@@ -111,7 +111,7 @@ def load_bundle(folder, mesh=None) -> tuple[state_lib.InferenceState, ml_collect
   if spec_path is None:
     raise checkpoints.CheckpointError(f"{folder}: no {SPEC_FILE} (not a spine_jax model bundle)")
   root = spec_path.parent
-  config = ml_collections.ConfigDict(_read_spec(spec_path)["config"])
+  config = checkpoints.stored_config(_read_spec(spec_path)["config"])
   mesh = mesh or mesh_lib.make_mesh()
   model, abstract = networks.abstract_variables(config, mesh)
   expected = traverse_util.flatten_dict(abstract, sep="/")

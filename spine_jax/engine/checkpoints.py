@@ -123,6 +123,18 @@ def find_checkpoint(path) -> tuple[pathlib.Path, int]:
   raise CheckpointError(f"no spine_jax checkpoint (a step folder with 'state') under {path}")
 
 
+# Task names that checkpoints and bundles written by earlier versions carry, and their name now.
+FORMER_TASK_NAMES = {"mtl": "bone_quality"}
+
+
+def stored_config(fields: dict) -> ml_collections.ConfigDict:
+  """A config read back from a checkpoint or a bundle, under today's task name."""
+  config = ml_collections.ConfigDict(fields)
+  if config.get("task") in FORMER_TASK_NAMES:
+    config.task = FORMER_TASK_NAMES[config.task]
+  return config
+
+
 def load_config(path) -> tuple[ml_collections.ConfigDict, pathlib.Path, int]:
   """The config stored beside a checkpoint, so inference rebuilds exactly the trained model."""
   root, step = find_checkpoint(path)
@@ -133,7 +145,7 @@ def load_config(path) -> tuple[ml_collections.ConfigDict, pathlib.Path, int]:
       raise CheckpointError(f"checkpoint {root / str(step)} holds no config")
     cfg_file = candidates[0]
   try:
-    return ml_collections.ConfigDict(json.loads(cfg_file.read_text())), root, step
+    return stored_config(json.loads(cfg_file.read_text())), root, step
   except (OSError, ValueError) as e:
     raise CheckpointError(f"checkpoint {root / str(step)}: its config {cfg_file} is not readable JSON ({e})") from None
 

@@ -18,7 +18,7 @@ from spine_jax.models import multitask
 from spine_jax.models import unet
 
 
-def _classifier(config) -> tuple[nn.Module, tuple[int, ...]]:
+def _bone_quality(config) -> tuple[nn.Module, tuple[int, ...]]:
   size = config.data.slices.image_size
   return multitask.build_model(config.model), (1, size, size, config.data.in_channels)
 
@@ -32,7 +32,7 @@ def _instance(config) -> tuple[nn.Module, tuple[int, ...]]:
           (1, *config.data.cutout.cutout_size, config.model.in_channels))
 
 
-BUILDERS: dict[str, Callable] = {"mtl": _classifier, "semantic": _semantic, "instance": _instance}
+BUILDERS: dict[str, Callable] = {"bone_quality": _bone_quality, "semantic": _semantic, "instance": _instance}
 
 
 def build(config) -> tuple[nn.Module, tuple[int, ...]]:

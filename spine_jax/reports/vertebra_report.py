@@ -37,11 +37,11 @@ def _blank(v):
 
 
 def write_reports(rows: list[dict], meta: dict, out_dir, name: str) -> tuple[pathlib.Path, pathlib.Path]:
-  """<name>_vertebrae.json (meta + rows) and <name>_vertebrae.csv in out_dir."""
+  """<name>_bone_quality.json (meta + rows) and <name>_bone_quality.csv in out_dir."""
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  json_path = out_dir / f"{name}_vertebrae.json"
-  csv_path = out_dir / f"{name}_vertebrae.csv"
+  json_path = out_dir / f"{name}_bone_quality.json"
+  csv_path = out_dir / f"{name}_bone_quality.csv"
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
   writer.writeheader()

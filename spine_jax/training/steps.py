@@ -10,7 +10,7 @@ from spine_jax.training import losses
 from spine_jax.training import self_paced
 
 
-def classifier_train_step(state, batch, *, config):
+def bone_quality_train_step(state, batch, *, config):
   """One optimiser step on a global batch; self-paced weights over the whole global batch."""
   dropout_rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
   spl = config.self_paced

@@ -6,7 +6,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import flax.linen as nn
 
-from spine_jax.training.classifier import ClassifierTask
+from spine_jax.training.bone_quality import BoneQualityTask
 from spine_jax.training.instance import InstanceTask
 from spine_jax.training.segmentation import SemanticTask
 
@@ -29,7 +29,7 @@ class Task(Protocol):
     """The held-out report (eval.json), through the predict functions inference uses."""
 
 
-TASKS: dict[str, Callable[[Any], Task]] = {"mtl": ClassifierTask, "semantic": SemanticTask, "instance": InstanceTask}
+TASKS: dict[str, Callable[[Any], Task]] = {"bone_quality": BoneQualityTask, "semantic": SemanticTask, "instance": InstanceTask}
 
 
 def get_task(config) -> Task:

@@ -242,16 +242,16 @@ def test_truncated_and_foreign_files(tiny_file, torch, tmp_path):
 
 
 def classifier_state(kind, trunk_overrides, init_from):
-  from configs import mtl
-  from spine_jax.training import classifier
+  from configs import bone_quality
+  from spine_jax.training.bone_quality import BoneQualityTask
   from spine_jax.engine import mesh as mesh_lib
   from spine_jax.engine import state as state_lib
 
-  config = mtl.get_config("smoke")
+  config = bone_quality.get_config("smoke")
   config.model.kind = kind
   config.model.update(trunk_overrides)
   config.model.init_from = str(init_from)
-  task = classifier.ClassifierTask(config)
+  task = BoneQualityTask(config)
   mesh = mesh_lib.make_mesh()
   tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
   fresh = state_lib.create_train_state(task.model, tx, task.init_shape, jax.random.key(0), mesh)
@@ -285,10 +285,10 @@ def test_init_from_a_mismatched_trunk_names_key_and_shapes(tiny_file):
 
 
 def test_training_run_starts_from_init_from(tiny_file, tmp_path, capsys):
-  from configs import mtl
+  from configs import bone_quality
   from spine_jax.training import loop
 
-  config = mtl.get_config("smoke")
+  config = bone_quality.get_config("smoke")
   config.model.stem = "imagenet"
   config.model.init_from = str(tiny_file())
   config.num_train_steps, config.checkpoint_every = 2, 0

@@ -14,6 +14,7 @@ import pytest
 
 from spine_jax.conversion import ConversionError
 from spine_jax.conversion import nnunet
+from spine_jax.conversion import nnunet_plans
 from spine_jax.data import spine_labels
 from spine_jax.engine import predict as predict_lib
 
@@ -221,24 +222,24 @@ def test_missing_structures_get_heads_that_never_win():
 
 def test_label_mapping_names_overrides_and_errors():
   labels = {"background": 0, "vertebra": 1, "IVD": 2}
-  assert nnunet.label_mapping(labels, "d.json", overrides={"vertebra": 49}) == {0: 0, 1: 49, 2: 100}
-  assert nnunet.label_mapping(labels, "d.json", overrides={"1": 49}) == {0: 0, 1: 49, 2: 100}
+  assert nnunet_plans.label_mapping(labels, "d.json", overrides={"vertebra": 49}) == {0: 0, 1: 49, 2: 100}
+  assert nnunet_plans.label_mapping(labels, "d.json", overrides={"1": 49}) == {0: 0, 1: 49, 2: 100}
   with pytest.raises(ConversionError, match=r"d\.json: labels \['vertebra=1'\] have no SPINEPS semantic id; "
                                             r"give them with --label_map"):
-    nnunet.label_mapping(labels, "d.json")
+    nnunet_plans.label_mapping(labels, "d.json")
   with pytest.raises(ConversionError, match=r"same SPINEPS id\(s\) \[100\]"):
-    nnunet.label_mapping(labels, "d.json", overrides={"vertebra": 100})
+    nnunet_plans.label_mapping(labels, "d.json", overrides={"vertebra": 100})
   with pytest.raises(ConversionError, match="not NAME=ID"):
-    nnunet.parse_label_map("vertebra:49")
+    nnunet_plans.parse_label_map("vertebra:49")
 
 
 def test_spatial_order_follows_reader_and_transpose():
-  assert nnunet.spatial_order({"transpose_forward": [0, 1, 2]}, "p") == (2, 1, 0)
+  assert nnunet_plans.spatial_order({"transpose_forward": [0, 1, 2]}, "p") == (2, 1, 0)
   # SimpleITK reverses (voxel axis v is array axis 2 - v), then transpose_forward picks array axes.
-  assert nnunet.spatial_order({"transpose_forward": [2, 0, 1]}, "p") == (0, 2, 1)
-  assert nnunet.spatial_order({"image_reader_writer": "NibabelIO", "transpose_forward": [2, 0, 1]}, "p") == (1, 2, 0)
+  assert nnunet_plans.spatial_order({"transpose_forward": [2, 0, 1]}, "p") == (0, 2, 1)
+  assert nnunet_plans.spatial_order({"image_reader_writer": "NibabelIO", "transpose_forward": [2, 0, 1]}, "p") == (1, 2, 0)
   with pytest.raises(ConversionError, match="image_reader_writer 'Tiff3DIO'"):
-    nnunet.spatial_order({"image_reader_writer": "Tiff3DIO"}, "p")
+    nnunet_plans.spatial_order({"image_reader_writer": "Tiff3DIO"}, "p")
 
 
 # ---------------------------------------------------------------- bad input: clear errors, nothing written

@@ -27,7 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 CACHE = pathlib.Path(os.environ.get("SPINE_JAX_TEST_CACHE", ROOT / ".jax_cache"))
 STEPS, EVERY = 12, 6
 HEARTBEAT_S = 10
-ARGS = ("--config=configs/mtl.py:smoke", f"--config.num_train_steps={STEPS}", f"--config.checkpoint_every={EVERY}",
+ARGS = ("--config=configs/bone_quality.py:smoke", f"--config.num_train_steps={STEPS}", f"--config.checkpoint_every={EVERY}",
         "--config.log_every=1", "--config.data.phantom.num_train_vertebrae=4",
         "--config.data.phantom.num_test_vertebrae=2", f"--heartbeat_timeout={HEARTBEAT_S}", "--step_timeout=120")
 FINGERPRINT = re.compile(r"process (\d+)/(\d+): step (\d+), parameters ([0-9a-f]{16})")

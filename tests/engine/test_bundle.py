@@ -1,16 +1,24 @@
 """Model bundles: training writes one, inference loads it (or a checkpoint, without its optimiser) to the same
 predictions."""
 import json
+import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 
 from spine_jax.engine import bundle
 from spine_jax.engine import checkpoints
+from spine_jax.engine import networks
 from spine_jax.engine import predict as predict_lib
 from spine_jax.engine import state as state_lib
 from spine_jax.inference import restore
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_training_writes_a_bundle_without_training_fields(semantic_smoke_run):
@@ -69,3 +77,34 @@ def test_damaged_bundle_is_one_clear_error(damage, fragment, semantic_smoke_run,
 def test_wrong_task_bundle(semantic_smoke_run):
   with pytest.raises(checkpoints.CheckpointError, match="holds a 'semantic' model, not 'instance'"):
     restore.load_for_inference(semantic_smoke_run / "bundle", "instance")
+
+
+def test_convert_checkpoint_writes_the_bundle_of_any_step(semantic_smoke_run, tmp_path):
+  """`convert checkpoint`: the bundle of an earlier step predicts as that step's checkpoint does."""
+  step_folder = semantic_smoke_run / "checkpoints" / "2"
+  out = tmp_path / "bundle2"
+  run = _convert("checkpoint", f"--input={step_folder}", f"--output={out}")
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "semantic model of step 2" in run.stdout
+  spec = json.loads((out / bundle.SPEC_FILE).read_text())
+  assert spec["step"] == 2 and spec["task"] == "semantic"
+  state_b, config, mesh = restore.load_for_inference(out, "semantic")
+  _, abstract = networks.abstract_variables(config, mesh)
+  want = checkpoints.restore_variables(step_folder.parent, 2, abstract)
+  got, ref = jax.tree.leaves(state_b.params), jax.tree.leaves(want["params"])
+  assert len(got) == len(ref) and all(np.array_equal(a, b) for a, b in zip(got, ref))
+  again = _convert("checkpoint", f"--input={step_folder}", f"--output={out}")
+  assert again.returncode == 1 and again.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert "exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_convert_checkpoint_of_no_checkpoint(tmp_path):
+  run = _convert("checkpoint", f"--input={tmp_path}", f"--output={tmp_path / 'out'}")
+  assert run.returncode == 1 and "no spine_jax checkpoint" in run.stderr and "Traceback" not in run.stderr
+  assert not (tmp_path / "out").exists()
+
+
+def _convert(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "spine_jax.convert", *args], capture_output=True, text=True,
+                        cwd=ROOT, env=env, timeout=300)

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import mtl
+from configs import bone_quality
 from spine_jax.data import pipelines
 from spine_jax.engine import checkpoints
 from spine_jax.engine import mesh as mesh_lib
@@ -20,7 +20,7 @@ def _synthetic_arrays(n=64, size=32, seed=0):
 
 
 def _config():
-  c = mtl.get_config("smoke")
+  c = bone_quality.get_config("smoke")
   c.self_paced.start_step = 1  # self-paced weights on from the second step: they must be global too
   return c
 
@@ -38,7 +38,7 @@ def _setup(config, num_devices):
 
 def _train(config, arrays, num_devices, num_steps):
   mesh, _, _, state, step_fn = _setup(config, num_devices)
-  it = pipelines.classifier_train_iterator(arrays, config)
+  it = pipelines.bone_quality_train_iterator(arrays, config)
   metrics = []
   for _ in range(num_steps):
     state, m = step_fn(state, mesh_lib.global_batch(next(it), mesh))
@@ -60,16 +60,16 @@ def test_four_devices_match_one_device():
 
 def test_process_shards_make_the_same_global_batches():
   config, arrays = _config(), _synthetic_arrays()
-  whole = next(pipelines.classifier_train_iterator(arrays, config, 0, 1))
-  parts = [next(pipelines.classifier_train_iterator(arrays, config, p, 2)) for p in range(2)]
+  whole = next(pipelines.bone_quality_train_iterator(arrays, config, 0, 1))
+  parts = [next(pipelines.bone_quality_train_iterator(arrays, config, p, 2)) for p in range(2)]
   for k in whole:
     np.testing.assert_array_equal(whole[k], np.concatenate([p[k] for p in parts]))
 
 
 def test_pipeline_is_deterministic_and_reshuffles_each_epoch():
   config, arrays = _config(), _synthetic_arrays(n=16)
-  a = pipelines.classifier_train_iterator(arrays, config, 0, 1)
-  b = pipelines.classifier_train_iterator(arrays, config, 0, 1)
+  a = pipelines.bone_quality_train_iterator(arrays, config, 0, 1)
+  b = pipelines.bone_quality_train_iterator(arrays, config, 0, 1)
   first = [next(a) for _ in range(4)]
   for batch in first:
     np.testing.assert_array_equal(batch["image"], next(b)["image"])
@@ -80,7 +80,7 @@ def test_pipeline_is_deterministic_and_reshuffles_each_epoch():
 def test_checkpoint_round_trip_continues_with_identical_next_batch(tmp_path):
   config, arrays = _config(), _synthetic_arrays()
   mesh, task, tx, state, step_fn = _setup(config, 2)
-  it = pipelines.classifier_train_iterator(arrays, config)
+  it = pipelines.bone_quality_train_iterator(arrays, config)
   for _ in range(2):
     state, _ = step_fn(state, mesh_lib.global_batch(next(it), mesh))
   mngr = checkpoints.manager(tmp_path)
@@ -90,7 +90,7 @@ def test_checkpoint_round_trip_continues_with_identical_next_batch(tmp_path):
   expected_state, _ = step_fn(state, mesh_lib.global_batch(expected_batch, mesh))
   expected_state = jax.device_get(expected_state)
 
-  fresh_it = pipelines.classifier_train_iterator(arrays, config)
+  fresh_it = pipelines.bone_quality_train_iterator(arrays, config)
   abstract = state_lib.abstract_train_state(task.model, tx, task.init_shape, mesh)
   restored, step = checkpoints.restore(checkpoints.manager(tmp_path), abstract, fresh_it)
   assert step == 2 and int(restored.step) == 2

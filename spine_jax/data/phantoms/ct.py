@@ -14,6 +14,10 @@ Geometry is built from signed distance functions (mm, negative inside) in a loca
 (u: to the patient's right, v: anterior, w: superior; origin at the canal's centre at mid-body
 height) that is slightly rotated against the RAS voxel grid. Each part is evaluated only in the
 voxel block its bounding box covers, which keeps a vertebra at a few tens of milliseconds.
+
+Over 400 lines on purpose: it is one drawing. Anatomy, tissues, lesions and the slice labels all
+work in the private frame and canvas (`_Canvas`, `_Part`, `_geometry`); callers use `make_vertebra`
+and the data-set builders at the end. Split, those internals would become public with no second user.
 """
 from __future__ import annotations
 

@@ -45,10 +45,10 @@ def vertebra_decisions(probs: dict[str, np.ndarray], vertebra_ids: np.ndarray, e
   return out
 
 
-def load_classifier(checkpoint, mesh=None):
+def load_bone_quality(checkpoint, mesh=None):
   """(state, config, mesh) of a CT classifier from a training work directory or checkpoint folder."""
   from spine_jax.inference import restore
-  return restore.load_for_inference(checkpoint, "mtl", mesh)
+  return restore.load_for_inference(checkpoint, "bone_quality", mesh)
 
 
 class CTClassification(NamedTuple):

@@ -1,7 +1,7 @@
 """Bone-quality multi-task classifier on axial CT slices (arXiv 2402.08910).
 
-  python -m spine_jax.train --config=configs/mtl.py --workdir=runs/mtl
-  python -m spine_jax.train --config=configs/mtl.py:baseline --workdir=runs/baseline
+  python -m spine_jax.train --config=configs/bone_quality.py --workdir=runs/bone_quality
+  python -m spine_jax.train --config=configs/bone_quality.py:baseline --workdir=runs/baseline
 
 Variants (the text after the colon):
   ''          default: a small DenseNet on 64x64 phantom slices, trains on a 2-core CPU in minutes.
@@ -20,10 +20,10 @@ from spine_jax.training import self_paced
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  variants = parse_variants(arg, ("baseline", "soft", "paper", "smoke", "posterolateral"), "configs/mtl.py")
+  variants = parse_variants(arg, ("baseline", "soft", "paper", "smoke", "posterolateral"), "configs/bone_quality.py")
 
   c = ml_collections.ConfigDict()
-  c.task = "mtl"
+  c.task = "bone_quality"
   c.seed = 0
 
   c.model = multitask.default_model_config()

@@ -11,7 +11,7 @@ from spine_jax.data import pipelines
 from spine_jax.data.phantoms import ct as ct_phantoms
 from spine_jax.engine import networks
 from spine_jax.engine import predict as predict_lib
-from spine_jax.inference import vertebrae
+from spine_jax.inference import bone_quality
 from spine_jax.metrics import classification
 from spine_jax.reports import pictures
 from spine_jax.training import steps
@@ -31,10 +31,10 @@ def load_split(config, split: str) -> dict[str, np.ndarray]:
   raise ValueError(f"config.data.source: unknown source {data.source!r} (phantom, manifest)")
 
 
-class ClassifierTask:
+class BoneQualityTask:
   """What the generic loop needs from the classifier."""
 
-  train_step = staticmethod(steps.classifier_train_step)
+  train_step = staticmethod(steps.bone_quality_train_step)
 
   def __init__(self, config):
     self.config = config
@@ -54,7 +54,7 @@ class ClassifierTask:
     return state
 
   def train_iterator(self, process_index=None, process_count=None):
-    return pipelines.classifier_train_iterator(load_split(self.config, "train"), self.config,
+    return pipelines.bone_quality_train_iterator(load_split(self.config, "train"), self.config,
                                                process_index, process_count)
 
   def evaluate(self, state, mesh, workdir: pathlib.Path | None = None) -> dict:
@@ -64,12 +64,12 @@ class ClassifierTask:
       self._test = load_split(cfg, "test")
     test = self._test
     predict = predict_lib.classifier_predict_fn(state, mesh)
-    probs = vertebrae.predict_slices(predict, test["image"], in_channels=cfg.data.in_channels,
+    probs = bone_quality.predict_slices(predict, test["image"], in_channels=cfg.data.in_channels,
                                      batch_size=cfg.eval.batch_size)
-    decided = vertebrae.vertebra_decisions(probs, test["vertebra"], cfg.eval)
+    decided = bone_quality.vertebra_decisions(probs, test["vertebra"], cfg.eval)
     report = {"num_slices": int(len(test["image"])), "num_vertebrae": int(len(decided["vertebra"])),
               "slice": {}, "vertebra": {}}
-    tasks = (("quality", vertebrae.QUALITY_CLASSES), ("posterolateral", vertebrae.POSTEROLATERAL_CLASSES))
+    tasks = (("quality", bone_quality.QUALITY_CLASSES), ("posterolateral", bone_quality.POSTEROLATERAL_CLASSES))
     for name, classes in tasks:
       if name not in probs:
         continue
