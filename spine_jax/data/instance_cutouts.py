@@ -26,9 +26,9 @@ from spine_jax.data import spine_labels
 INPUT_CLASSES = 10  # background, 41..48 -> 1..8, 49 -> 9
 NUM_TARGETS = 4  # background, above, centre, below
 ABOVE, CENTRE, BELOW = 1, 2, 3
-INPUT_OF_ID = {label: k for k, label in enumerate((41, 42, 43, 44, 45, 46, 47, 48, 49), start=1)}
-VERTEBRA_MAX_ID = 99  # SPINEPS instance ids: vertebrae 1..99, discs 100 + X, endplates 200 + X
-_BODY = spine_labels.SEMANTIC_IDS.index(49)
+INPUT_OF_ID = {label: k for k, label in enumerate(spine_labels.VERTEBRA_PARTS, start=1)}
+VERTEBRA_MAX_ID = spine_labels.DISC_OFFSET - 1  # SPINEPS instance ids: vertebrae 1..99
+_BODY = spine_labels.SEMANTIC_IDS.index(spine_labels.CORPUS)
 
 
 def default_cutout_config() -> ml_collections.ConfigDict:

@@ -1,4 +1,4 @@
-"""SPINEPS semantic label ids, their names, and the network's channel order.
+"""SPINEPS label ids with one name each, the instance ids' offsets, and the network's channel order.
 
 The semantic network predicts 15 channels: background and the 14 structures below, in the order
 of `SEMANTIC_IDS`. Masks on disk always hold the SPINEPS ids; indices exist only inside the model.
@@ -7,7 +7,24 @@ from __future__ import annotations
 
 import numpy as np
 
-SEMANTIC_IDS = (0, 41, 42, 43, 44, 45, 46, 47, 48, 49, 60, 61, 62, 100, 26)
+# SPINEPS semantic ids (SPEC section 3).
+SACRUM = 26
+ARCUS, SPINOUS = 41, 42
+COSTAL_LEFT, COSTAL_RIGHT = 43, 44
+SUPERIOR_ARTICULAR_LEFT, SUPERIOR_ARTICULAR_RIGHT = 45, 46
+INFERIOR_ARTICULAR_LEFT, INFERIOR_ARTICULAR_RIGHT = 47, 48
+CORPUS = 49
+CORD, CANAL, ENDPLATE, DISC = 60, 61, 62, 100
+ARTICULAR = (SUPERIOR_ARTICULAR_LEFT, SUPERIOR_ARTICULAR_RIGHT, INFERIOR_ARTICULAR_LEFT, INFERIOR_ARTICULAR_RIGHT)
+# The structures a vertebra's instance covers (its posterior elements and its body).
+VERTEBRA_PARTS = (ARCUS, SPINOUS, COSTAL_LEFT, COSTAL_RIGHT, *ARTICULAR, CORPUS)
+
+# SPINEPS instance ids: vertebrae 1..99 (C1 = 1 ... L6 = 25, S1 = 26 = the sacrum, T13 = 28), the disc
+# below vertebra X is DISC_OFFSET + X and vertebra X's endplates ENDPLATE_OFFSET + X.
+SACRUM_INSTANCE = SACRUM
+DISC_OFFSET, ENDPLATE_OFFSET = 100, 200
+
+SEMANTIC_IDS = (0, *VERTEBRA_PARTS, CORD, CANAL, ENDPLATE, DISC, SACRUM)
 STRUCTURE_NAMES = {
     41: "arcus_vertebrae", 42: "spinous_process",
     43: "costal_process_left", 44: "costal_process_right",
@@ -16,7 +33,8 @@ STRUCTURE_NAMES = {
     49: "vertebra_corpus", 60: "spinal_cord", 61: "spinal_canal", 62: "endplate",
     100: "intervertebral_disc", 26: "sacrum",
 }
-LEFT_RIGHT_PAIRS = ((43, 44), (45, 46), (47, 48))
+LEFT_RIGHT_PAIRS = ((COSTAL_LEFT, COSTAL_RIGHT), (SUPERIOR_ARTICULAR_LEFT, SUPERIOR_ARTICULAR_RIGHT),
+                    (INFERIOR_ARTICULAR_LEFT, INFERIOR_ARTICULAR_RIGHT))
 NUM_CLASSES = len(SEMANTIC_IDS)
 
 _ID_TO_INDEX = np.full(256, -1, np.int16)

@@ -27,7 +27,6 @@ from spine_jax.metrics.segmentation import finite_mean, format_score
 from spine_jax.training import steps
 
 POSITIONS = ("above", "centre", "below")
-SACRUM_ID = 26  # the sacrum's instance is its semantic label, not the network's work: not scored
 
 
 def instance_train_step(state, batch, *, config):
@@ -46,7 +45,8 @@ def vertebra_dice(pred: np.ndarray, ref: np.ndarray) -> dict[int, float]:
   scores = table.dice()
   pred_index = {int(v): i for i, v in enumerate(table.pred_ids)}
   ref_index = {int(v): j for j, v in enumerate(table.ref_ids)}
-  out = {int(v): 0.0 for v in table.ref_ids if int(v) != SACRUM_ID}
+  # The sacrum's instance is its semantic label, not the network's work: not scored.
+  out = {int(v): 0.0 for v in table.ref_ids if int(v) != spine_labels.SACRUM_INSTANCE}
   for p, r in instance_metrics.match_by_overlap(table):
     if p is not None and r is not None and r in out:
       out[r] = float(scores[pred_index[p], ref_index[r]])

@@ -8,11 +8,13 @@ import pytest
 
 from spine_jax.data import levels
 from spine_jax.data import nifti
+from spine_jax.data import spatial
+from spine_jax.data import spine_labels
 from spine_jax.data.phantoms import mri
 from spine_jax.data.phantoms import mri_anatomy
 
-BODY_LIKE = (mri.BODY, mri.ENDPLATE)
-VERTEBRA_SEMANTICS = (41, 42, 43, 44, 45, 46, 47, 48, mri.BODY)
+BODY_LIKE = (spine_labels.CORPUS, spine_labels.ENDPLATE)
+VERTEBRA_SEMANTICS = (41, 42, 43, 44, 45, 46, 47, 48, spine_labels.CORPUS)
 VERTEBRA_IDS = set(levels.scheme_labels('spineps'))
 
 
@@ -67,7 +69,7 @@ def _axis_mean(volume, label, axis):
 
 def test_default_config():
   cfg = mri.default_mri_phantom_config()
-  assert tuple(cfg.spacing_mm) == (0.75, 0.75, 1.65) == mri.REFERENCE_SPACING_MM
+  assert tuple(cfg.spacing_mm) == (0.75, 0.75, 1.65) == spatial.REFERENCE_SPACING
   assert tuple(cfg.shape) == (0, 0, 32) and cfg.shape_multiple == 16
   assert tuple(cfg.num_vertebrae_range) == (6, 9)
   # Cervical to lumbar fields; lumbar studies (from T12 or L1, reaching the sacrum) weighted up.
@@ -106,41 +108,41 @@ def test_bad_requests():
 
 def test_geometry_is_pir(all_volumes):
   for v in all_volumes:
-    assert nib.aff2axcodes(v['affine']) == mri_anatomy.PIR
-    assert np.allclose(nifti.spacing_from_affine(v['affine']), mri.REFERENCE_SPACING_MM)
-    assert np.allclose(v['spacing'], mri.REFERENCE_SPACING_MM)
+    assert nib.aff2axcodes(v['affine']) == spatial.PIR
+    assert np.allclose(nifti.spacing_from_affine(v['affine']), spatial.REFERENCE_SPACING)
+    assert np.allclose(v['spacing'], spatial.REFERENCE_SPACING)
     shape = v['image'].shape
     assert v['semantic'].shape == v['instance'].shape == shape and shape[2] == 32
     assert shape[0] % 16 == 0 and shape[1] % 16 == 0
     assert v['image'].dtype == np.float32 and v['semantic'].dtype == np.uint8 and v['instance'].dtype == np.int16
     assert np.all(np.isfinite(v['image'])) and v['image'].min() >= 0 and v['image'].max() > 100
     # Axis 0 runs posterior: bodies in front of the canal, the canal in front of the spinous processes.
-    assert _axis_mean(v, mri.BODY, 0) < _axis_mean(v, mri_anatomy.CANAL, 0) < _axis_mean(v, mri_anatomy.SPINOUS, 0)
+    assert _axis_mean(v, spine_labels.CORPUS, 0) < _axis_mean(v, spine_labels.CANAL, 0) < _axis_mean(v, spine_labels.SPINOUS, 0)
 
 
 def test_fixed_shape():
   v = mri.make_spine(np.random.default_rng(1), _cfg(shape=(128, 256, 24)))
   assert v['image'].shape == (128, 256, 24)
-  assert {mri.BODY, mri_anatomy.DISC, mri_anatomy.CANAL} <= set(np.unique(v['semantic']).tolist())
+  assert {spine_labels.CORPUS, spine_labels.DISC, spine_labels.CANAL} <= set(np.unique(v['semantic']).tolist())
 
 
 def test_labels_and_instances_agree(all_volumes):
   for v in all_volumes:
     sem, inst = v['semantic'], v['instance']
-    assert set(np.unique(sem).tolist()) <= {0, *mri_anatomy.SEMANTIC_IDS}
+    assert set(np.unique(sem).tolist()) <= {0, *spine_labels.SEMANTIC_IDS}
     for label in VERTEBRA_SEMANTICS:
       assert set(np.unique(inst[sem == label]).tolist()) <= VERTEBRA_IDS - {26}
-    assert set(np.unique(inst[sem == mri.SACRUM]).tolist()) <= {26}
-    discs = np.unique(inst[sem == mri_anatomy.DISC])
-    plates = np.unique(inst[sem == mri.ENDPLATE])
+    assert set(np.unique(inst[sem == spine_labels.SACRUM]).tolist()) <= {26}
+    discs = np.unique(inst[sem == spine_labels.DISC])
+    plates = np.unique(inst[sem == spine_labels.ENDPLATE])
     assert discs.size and plates.size
-    assert set((discs - mri.DISC_OFFSET).tolist()) <= VERTEBRA_IDS
-    assert set((plates - mri.ENDPLATE_OFFSET).tolist()) <= VERTEBRA_IDS
-    for label in (0, mri_anatomy.CORD, mri_anatomy.CANAL):
+    assert set((discs - spine_labels.DISC_OFFSET).tolist()) <= VERTEBRA_IDS
+    assert set((plates - spine_labels.ENDPLATE_OFFSET).tolist()) <= VERTEBRA_IDS
+    for label in (0, spine_labels.CORD, spine_labels.CANAL):
       assert not inst[sem == label].any()
     # Every endplate belongs to a vertebra whose body is in the field.
-    body_ids = set(np.unique(inst[sem == mri.BODY]).tolist())
-    assert set((plates - mri.ENDPLATE_OFFSET).tolist()) <= body_ids
+    body_ids = set(np.unique(inst[sem == spine_labels.CORPUS]).tolist())
+    assert set((plates - spine_labels.ENDPLATE_OFFSET).tolist()) <= body_ids
     assert v['levels'] == levels.sort_levels(v['levels'])
     assert set(v['full_levels']) <= set(v['levels'])
 
@@ -157,12 +159,12 @@ def test_disc_lies_between_its_vertebrae(all_volumes):
   for v in all_volumes:
     ids = [levels.level_to_label(level, 'spineps') for level in v['levels']]
     for upper, lower in zip(ids[:-1], ids[1:]):
-      disc = mri.DISC_OFFSET + upper
+      disc = spine_labels.DISC_OFFSET + upper
       if disc in v['centroids'] and upper in v['body_centroids'] and lower in v['body_centroids']:
         assert v['body_centroids'][upper][1] < v['centroids'][disc][1] < v['body_centroids'][lower][1]
         checked += 1
     # No disc below the sacrum, none between the atlas and the axis.
-    assert mri.DISC_OFFSET + 26 not in v['centroids'] and mri.DISC_OFFSET + 1 not in v['centroids']
+    assert spine_labels.DISC_OFFSET + 26 not in v['centroids'] and spine_labels.DISC_OFFSET + 1 not in v['centroids']
   assert checked >= 40
 
 
@@ -170,14 +172,14 @@ def test_left_structures_lie_on_the_low_r_side(all_volumes):
   """PIR axis 2 points to the patient's right: left (43, 45, 47) has the smaller index, per vertebra too."""
   for v in all_volumes:
     sem, inst = v['semantic'], v['instance']
-    for left, right in mri_anatomy.LEFT_RIGHT_PAIRS:
+    for left, right in spine_labels.LEFT_RIGHT_PAIRS:
       assert _axis_mean(v, left, 2) + 3 < _axis_mean(v, right, 2)
     for level in v['full_levels']:
       x = levels.level_to_label(level, 'spineps')
       if x == 26:
         continue
       body_r = v['body_centroids'][x][2]
-      for left, right in mri_anatomy.LEFT_RIGHT_PAIRS:
+      for left, right in spine_labels.LEFT_RIGHT_PAIRS:
         lz = np.argwhere((sem == left) & (inst == x))[:, 2]
         rz = np.argwhere((sem == right) & (inst == x))[:, 2]
         if lz.size > 20 and rz.size > 20:
@@ -191,21 +193,21 @@ def test_cord_ends_at_l1_l2(lumbar, whole):
   for v in (lumbar, whole):
     assert {'T12', 'L1', 'L2', 'L3'} <= set(v['full_levels'])
     assert v['cord_end_level'] in ('L1', 'L2')
-    cord_rows = np.argwhere(v['semantic'] == mri_anatomy.CORD)[:, 1]
+    cord_rows = np.argwhere(v['semantic'] == spine_labels.CORD)[:, 1]
     l1, l2 = v['body_centroids'][20][1], v['body_centroids'][21][1]
     t12 = v['body_centroids'][19][1]
     assert cord_rows.min() < t12 and l1 - 2 <= cord_rows.max() <= l2
     # Below the conus the canal goes on with CSF and roots only.
-    canal_rows = np.argwhere(v['semantic'] == mri_anatomy.CANAL)[:, 1]
+    canal_rows = np.argwhere(v['semantic'] == spine_labels.CANAL)[:, 1]
     assert canal_rows.max() > v['body_centroids'][22][1]
 
 
 def test_sacrum_when_the_field_reaches_it(lumbar):
   sem, inst = lumbar['semantic'], lumbar['instance']
-  assert lumbar['levels'][-1] == 'S1' and (sem == mri.SACRUM).sum() > 1000
-  assert set(np.unique(inst[sem == mri.SACRUM]).tolist()) == {26}
+  assert lumbar['levels'][-1] == 'S1' and (sem == spine_labels.SACRUM).sum() > 1000
+  assert set(np.unique(inst[sem == spine_labels.SACRUM]).tolist()) == {26}
   l5 = levels.level_to_label('L5', 'spineps')
-  assert lumbar['body_centroids'][l5][1] < lumbar['centroids'][mri.DISC_OFFSET + l5][1] < \
+  assert lumbar['body_centroids'][l5][1] < lumbar['centroids'][spine_labels.DISC_OFFSET + l5][1] < \
       lumbar['body_centroids'][26][1]
 
 
@@ -223,14 +225,14 @@ def test_body_heights_follow_spec(lumbar, cervical, default_volumes):
       assert lo <= meta['dims']['height'] <= hi
       dlo, dhi = mri_anatomy.SPEC_RANGES[region]['disc']
       assert dlo <= meta['dims']['disc'] <= dhi
-      body = np.isin(sem, BODY_LIKE) & ((inst == x) | (inst == mri.ENDPLATE_OFFSET + x))
+      body = np.isin(sem, BODY_LIKE) & ((inst == x) | (inst == spine_labels.ENDPLATE_OFFSET + x))
       p, i = _world_pi(v, body)
       phi = np.deg2rad(meta['angle_deg'])
       w = -(p - meta['centre_mm'][0]) * np.sin(phi) - (i - meta['centre_mm'][1]) * np.cos(phi)
       height = w.max() - w.min()  # the outermost voxel centres lie within a fraction of a voxel of the plates
       assert lo - 1.0 <= height <= hi + 1.0, (level, height)
       # Endplates: thin layers at the top and the bottom of the body.
-      plate = (sem == mri.ENDPLATE) & (inst == mri.ENDPLATE_OFFSET + x)
+      plate = (sem == spine_labels.ENDPLATE) & (inst == spine_labels.ENDPLATE_OFFSET + x)
       rows = np.argwhere(plate)[:, 1]
       centre = v['body_centroids'][x][1]
       assert rows.min() < centre < rows.max()
@@ -242,8 +244,8 @@ def test_body_heights_follow_spec(lumbar, cervical, default_volumes):
 def test_discs_brighter_than_bodies(all_volumes):
   for v in all_volumes:
     image, sem = v['image'], v['semantic']
-    assert image[sem == mri_anatomy.DISC].mean() > 1.05 * image[sem == mri.BODY].mean()
-    assert image[sem == mri_anatomy.CANAL].mean() > image[sem == mri_anatomy.CORD].mean()
+    assert image[sem == spine_labels.DISC].mean() > 1.05 * image[sem == spine_labels.CORPUS].mean()
+    assert image[sem == spine_labels.CANAL].mean() > image[sem == spine_labels.CORD].mean()
 
 
 def test_curvature_directions(whole):
@@ -284,7 +286,7 @@ def test_nifti_round_trip(tmp_path):
       img = nib.load(str(tmp_path / row[key]))
       assert nib.aff2axcodes(img.affine) == ('L', 'P', 'S')
       array = np.asarray(img.dataobj)
-      back, affine, _ = nifti.reorient(array, img.affine, mri_anatomy.PIR)
+      back, affine, _ = nifti.reorient(array, img.affine, spatial.PIR)
       assert np.array_equal(back, vol[kind]) and back.dtype == vol[kind].dtype
       assert np.allclose(affine, vol['affine_pir'])
     assert np.allclose(vol['image_pir'], np.rint(again['image']), atol=0.5)

@@ -33,8 +33,9 @@ import numpy as np
 from scipy import ndimage
 
 from spine_jax.data import nifti
-from spine_jax.data.phantoms.mri_anatomy import (BODY, BONE_IDS, DISC_OFFSET, ENDPLATE, ENDPLATE_OFFSET, Frame,
-                                                 REFERENCE_SPACING_MM, SACRUM, draw_pieces, field_window, make_curve)
+from spine_jax.data import spatial
+from spine_jax.data.phantoms.mri_anatomy import BONE_IDS, Frame, draw_pieces, field_window, make_curve
+from spine_jax.data.spine_labels import CORPUS, DISC_OFFSET, ENDPLATE, ENDPLATE_OFFSET, SACRUM
 from spine_jax.data.phantoms.mri_parts import Field
 from spine_jax.data.phantoms.mri_painting import (draw_tissue, paint_atlas, paint_canal, paint_disc, paint_ribs,
                                                   paint_sacral, paint_soft_tissue, paint_vertebra, paint_vessels,
@@ -48,7 +49,7 @@ def default_mri_phantom_config() -> ml_collections.ConfigDict:
   cfg.num_test_volumes = 8
   cfg.train_seed = 0
   cfg.test_seed = 1  # held-out split: its own seed, so no volume is shared with training
-  cfg.spacing_mm = REFERENCE_SPACING_MM  # (P, I, R)
+  cfg.spacing_mm = spatial.REFERENCE_SPACING  # (P, I, R)
   # Voxels along (P, I, R); 0 fits that axis to the drawn anatomy and margins, rounded up to
   # `shape_multiple`. A fixed size crops or pads the field around the anatomy's centre.
   cfg.shape = (0, 0, 32)
@@ -239,7 +240,7 @@ def _summary(field: Field, image, pieces, full, ends: dict) -> dict:
   inst, sem = field.inst, field.sem
   centroids = _centroids(inst)
   body = np.where(sem == ENDPLATE, inst - ENDPLATE_OFFSET, 0).astype(np.int16)
-  bone = (sem == BODY) | (sem == SACRUM)
+  bone = (sem == CORPUS) | (sem == SACRUM)
   body[bone] = inst[bone]
   body_centroids = _centroids(body)
   present = set(k for k in centroids if k < DISC_OFFSET)

@@ -9,23 +9,10 @@ import dataclasses
 import numpy as np
 
 from spine_jax.data import levels as levels_lib
+from spine_jax.data.spine_labels import ENDPLATE, SACRUM, VERTEBRA_PARTS
 
 
-PIR = ('P', 'I', 'R')
-REFERENCE_SPACING_MM = (0.75, 0.75, 1.65)
-
-# SPINEPS semantic ids (SPEC section 3).
-SACRUM = 26
-ARCUS, SPINOUS = 41, 42
-TRANSVERSE_LEFT, TRANSVERSE_RIGHT = 43, 44
-SUPERIOR_LEFT, SUPERIOR_RIGHT = 45, 46
-INFERIOR_LEFT, INFERIOR_RIGHT = 47, 48
-BODY, CORD, CANAL, ENDPLATE, DISC = 49, 60, 61, 62, 100
-SEMANTIC_IDS = (SACRUM, 41, 42, 43, 44, 45, 46, 47, 48, BODY, CORD, CANAL, ENDPLATE, DISC)
-LEFT_RIGHT_PAIRS = ((TRANSVERSE_LEFT, TRANSVERSE_RIGHT), (SUPERIOR_LEFT, SUPERIOR_RIGHT),
-                    (INFERIOR_LEFT, INFERIOR_RIGHT))
-DISC_OFFSET, ENDPLATE_OFFSET = 100, 200  # instance ids: disc below vertebra X, endplate of vertebra X
-BONE_IDS = (SACRUM, 41, 42, 43, 44, 45, 46, 47, 48, BODY, ENDPLATE)
+BONE_IDS = (SACRUM, *VERTEBRA_PARTS, ENDPLATE)  # painted with bone's intensity texture
 
 # Per region: (value at the region's first level, value at its last), mm or degrees. C2 is the
 # first cervical level (C1 is drawn apart), T13 and L6 take their region's last values.

@@ -10,9 +10,9 @@ import numpy as np
 from scipy import ndimage
 
 from spine_jax.data.phantoms import shapes
-from spine_jax.data.phantoms.mri_anatomy import (ARCUS, BODY, C1_HEIGHT_MM, CANAL, CORD, Curve, DISC, DISC_OFFSET,
-                                                 ENDPLATE, ENDPLATE_OFFSET, Piece, SACRUM, TRANSVERSE_LEFT,
-                                                 TRANSVERSE_RIGHT)
+from spine_jax.data.phantoms.mri_anatomy import C1_HEIGHT_MM, Curve, Piece
+from spine_jax.data.spine_labels import (ARCUS, CANAL, CORD, CORPUS, COSTAL_LEFT, COSTAL_RIGHT, DISC, DISC_OFFSET,
+                                         ENDPLATE, ENDPLATE_OFFSET, SACRUM)
 from spine_jax.data.phantoms.mri_parts import (Field, Part, body_section, capsule_part, end_surface, pedicle_z,
                                                posterior_parts)
 
@@ -78,7 +78,7 @@ def _paint_body(field: Field, piece: Piece, tis: _Tissue, marrow: float, rng) ->
   ep = np.float32(d['endplate'])
   plate = inside & ((w < ep - bottom) | ((w > top - ep) if top_plate else False))
   sem, inst, sig = field.sem[blk], field.inst[blk], field.signal[blk]
-  sem[inside] = BODY
+  sem[inside] = CORPUS
   inst[inside] = ident
   value = np.where(sec > -np.float32(d['cortex']), np.float32(tis.cortex), np.float32(marrow))
   sig[inside] = _body_marks(rng, d, u, v, w, value, tis)[inside]
@@ -87,7 +87,7 @@ def _paint_body(field: Field, piece: Piece, tis: _Tissue, marrow: float, rng) ->
   sig[plate] = np.float32(tis.cortex)
   if piece.name == 'C2':
     p0 = (0.0, -b + 5.5, h / 2 - 3.0)
-    _paint_part(field, piece, capsule_part(BODY, p0, (0.0, -b + 5.0, h / 2 + 12.0), 5.0), d['cortex'], marrow,
+    _paint_part(field, piece, capsule_part(CORPUS, p0, (0.0, -b + 5.0, h / 2 + 12.0), 5.0), d['cortex'], marrow,
                 tis.cortex)
 
 
@@ -182,8 +182,8 @@ def paint_atlas(field: Field, piece: Piece, tis: _Tissue) -> None:
   cd, cw, vc, b2 = d['canal_depth'], d['canal_width'], d['vc'], d['depth'] / 2
   half = C1_HEIGHT_MM / 2
   parts = [capsule_part(ARCUS, (-7.0, -b2 + 14.0, 0.0), (7.0, -b2 + 14.0, 0.0), 3.5, half),
-           capsule_part(TRANSVERSE_LEFT, (-cw / 2 - 6.0, -b2 + 2.0, 0.0), (-cw / 2 - 22.0, -b2, 0.0), 3.5, 4.0),
-           capsule_part(TRANSVERSE_RIGHT, (cw / 2 + 6.0, -b2 + 2.0, 0.0), (cw / 2 + 22.0, -b2, 0.0), 3.5, 4.0)]
+           capsule_part(COSTAL_LEFT, (-cw / 2 - 6.0, -b2 + 2.0, 0.0), (-cw / 2 - 22.0, -b2, 0.0), 3.5, 4.0),
+           capsule_part(COSTAL_RIGHT, (cw / 2 + 6.0, -b2 + 2.0, 0.0), (cw / 2 + 22.0, -b2, 0.0), 3.5, 4.0)]
   for sign in (-1.0, 1.0):
     parts.append(capsule_part(ARCUS, (sign * (cw / 2 + 1.0), -b2 + 10.0, 0.0), (sign * (cw / 2 + 2.0), -vc, 0.0),
                                6.0, 1.1 * half))

@@ -8,8 +8,10 @@ import dataclasses
 import numpy as np
 
 from spine_jax.data.phantoms import shapes
-from spine_jax.data.phantoms.mri_anatomy import (ARCUS, Frame, INFERIOR_LEFT, INFERIOR_RIGHT, SPINOUS, SUPERIOR_LEFT,
-                                                 SUPERIOR_RIGHT, TRANSVERSE_LEFT, TRANSVERSE_RIGHT)
+from spine_jax.data.phantoms.mri_anatomy import Frame
+from spine_jax.data.spine_labels import (ARCUS, COSTAL_LEFT, COSTAL_RIGHT, INFERIOR_ARTICULAR_LEFT,
+                                         INFERIOR_ARTICULAR_RIGHT, SPINOUS, SUPERIOR_ARTICULAR_LEFT,
+                                         SUPERIOR_ARTICULAR_RIGHT)
 
 
 # The voxel field
@@ -121,14 +123,15 @@ def posterior_parts(d: dict) -> list[Part]:
   # Transverse (costal) processes: lateral from the pedicle, forward in the neck, backward in the thorax.
   tl, ta = d['transverse_length'], np.deg2rad(d['transverse_angle'])
   t_vv = 0.25 * cd if d['region'] == 'cervical' else -0.15 * cd
-  for sign, label in ((-1.0, TRANSVERSE_LEFT), (1.0, TRANSVERSE_RIGHT)):
+  for sign, label in ((-1.0, COSTAL_LEFT), (1.0, COSTAL_RIGHT)):
     t0 = np.array((sign * (cw / 2 + pw / 2), t_vv - vc, ped_z - 0.05 * h))
     t1 = t0 + (sign * (pw / 2 + tl) * np.cos(ta), -(pw / 2 + tl) * np.sin(ta), 0.0)
     parts.append(capsule_part(label, t0, t1, 3.5, 0.16 * h))
   # Articular processes: superior rising to the level of the vertebra above's lower endplate,
   # inferior reaching down behind the superior process of the vertebra below.
   fr = d['facet']
-  for sign, sup, inf in ((-1.0, SUPERIOR_LEFT, INFERIOR_LEFT), (1.0, SUPERIOR_RIGHT, INFERIOR_RIGHT)):
+  for sign, sup, inf in ((-1.0, SUPERIOR_ARTICULAR_LEFT, INFERIOR_ARTICULAR_LEFT),
+                         (1.0, SUPERIOR_ARTICULAR_RIGHT, INFERIOR_ARTICULAR_RIGHT)):
     a0 = (sign * px, -0.3 * cd - vc, ped_z)
     a1 = (sign * px, -0.3 * cd - vc - 1.0, h / 2 + d['disc_above'] - fr)
     parts.append(capsule_part(sup, a0, a1, fr))

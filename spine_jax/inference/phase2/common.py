@@ -12,20 +12,21 @@ from scipy import ndimage
 
 from spine_jax.data import instance_cutouts
 from spine_jax.data import spatial
+from spine_jax.data import spine_labels
 
 logger = logging.getLogger(__name__)
 
-SACRUM, BODY, ENDPLATE, DISC = 26, 49, 62, 100
+SACRUM, BODY, ENDPLATE, DISC = spine_labels.SACRUM, spine_labels.CORPUS, spine_labels.ENDPLATE, spine_labels.DISC
 # The instance network's encoding, as training cuts it (data/instance_cutouts.py): input classes
 # 41..48 -> 1..8, 49 -> 9 (what an instance covers), outputs background, above, centre, below.
 VERTEBRA_LABELS = tuple(instance_cutouts.INPUT_OF_ID)
 INPUT_CHANNELS = instance_cutouts.INPUT_CLASSES
 OUTPUT_CHANNELS = instance_cutouts.NUM_TARGETS
 ABOVE, CENTRE, BELOW = instance_cutouts.ABOVE, instance_cutouts.CENTRE, instance_cutouts.BELOW
-ARTICULAR_LABELS = (45, 46, 47, 48)
+ARTICULAR_LABELS = spine_labels.ARTICULAR
 POSITIONS = ('above', 'centre', 'below')
-DISC_OFFSET, ENDPLATE_OFFSET = 100, 200
-SACRUM_ID = 26  # instance id of the sacrum (S1)
+DISC_OFFSET, ENDPLATE_OFFSET = spine_labels.DISC_OFFSET, spine_labels.ENDPLATE_OFFSET
+SACRUM_ID = spine_labels.SACRUM_INSTANCE
 LAST_LUMBAR_ID = 25  # L6: the last id of a numbering from C1
 INFERIOR_AXIS = 1
 REFERENCE_SPACING = spatial.REFERENCE_SPACING
