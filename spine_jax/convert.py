@@ -4,6 +4,7 @@
   python -m spine_jax.convert nnunet --input=MODEL_FOLDER --output=runs/converted [--fold=0]
   python -m spine_jax.convert spineps --semantic_folder=SEM --instance_folder=INST --output=runs/spineps
   python -m spine_jax.convert checkpoint --input=RUN_DIR[/checkpoints/STEP] --output=runs/bundle
+  python -m spine_jax.convert export_spineps --semantic_checkpoint=RUN --instance_checkpoint=RUN --output=DIR
 
 `densenet` checks a torchvision or MONAI DenseNet-121/169/201 state dict against the architecture it
 describes and writes its trunk as a torch-free .npz; train from it with
@@ -23,6 +24,10 @@ need --trust_pickle.
 `checkpoint` writes the model bundle of a training checkpoint (a work directory's latest step, or the
 step folder given): its variables and inference config, without the optimiser, as training writes at
 the end of a run.
+
+`export_spineps` goes the other way: a semantic and/or an instance model (bundle, work directory or
+checkpoint) become SPINEPS model folders, OUTPUT/semantic (nnU-Net v2) and OUTPUT/instance (Lightning
+Unet3D), each with its inference_config.json, for `spineps sample -ms OUTPUT/semantic -mi OUTPUT/instance`.
 
 Files are read with torch.load(weights_only=True): a file that holds more than tensors and plain data
 is refused unless --trust_pickle is given. Nothing is written unless the conversion succeeds.
@@ -51,11 +56,15 @@ _AXCODES = flags.DEFINE_string("axcodes", None, "nnunet: orientation the network
                                "PIR (default: inference_config.json's, else PIR).")
 _LABEL_MAP = flags.DEFINE_string("label_map", "", "nnunet: NAME=ID,... dataset.json label names (or values) to "
                                  "SPINEPS ids, for names that are not recognised.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "nnunet, spineps, checkpoint: replace an existing output folder.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "nnunet, spineps, checkpoint, export_spineps: replace an existing output folder.")
 _SEMANTIC_FOLDER = flags.DEFINE_string("semantic_folder", None, "spineps: SPINEPS' semantic model folder.")
 _INSTANCE_FOLDER = flags.DEFINE_string("instance_folder", None, "spineps: SPINEPS' instance model folder.")
+_SEMANTIC_CHECKPOINT = flags.DEFINE_string("semantic_checkpoint", None,
+                                           "export_spineps: the semantic model (bundle, run or checkpoint).")
+_INSTANCE_CHECKPOINT = flags.DEFINE_string("instance_checkpoint", None,
+                                           "export_spineps: the instance model (bundle, run or checkpoint).")
 
-COMMANDS = ("densenet", "nnunet", "spineps", "checkpoint")
+COMMANDS = ("densenet", "nnunet", "spineps", "checkpoint", "export_spineps")
 
 
 def run_densenet() -> int:
@@ -107,6 +116,18 @@ def run_checkpoint() -> int:
   return 0
 
 
+def run_export_spineps() -> int:
+  from spine_jax.conversion import export_spineps
+
+  summary = export_spineps.export_pair(_OUTPUT.value, semantic_checkpoint=_SEMANTIC_CHECKPOINT.value,
+                                       instance_checkpoint=_INSTANCE_CHECKPOINT.value, overwrite=_OVERWRITE.value)
+  print(json.dumps(summary, indent=2))
+  print("SPINEPS model folders written: spineps sample -i SCAN"
+        + (f" -ms {summary['semantic']['folder']}" if "semantic" in summary else "")
+        + (f" -mi {summary['instance']['folder']}" if "instance" in summary else ""))
+  return 0
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m spine_jax.convert {{{'|'.join(COMMANDS)}}} --input=... --output=... "
@@ -114,13 +135,16 @@ def main(argv):
   if argv[1] == "spineps":
     if not _OUTPUT.value or not (_SEMANTIC_FOLDER.value or _INSTANCE_FOLDER.value):
       raise app.UsageError("spineps needs --output and --semantic_folder and/or --instance_folder")
+  elif argv[1] == "export_spineps":
+    if not _OUTPUT.value or not (_SEMANTIC_CHECKPOINT.value or _INSTANCE_CHECKPOINT.value):
+      raise app.UsageError("export_spineps needs --output and --semantic_checkpoint and/or --instance_checkpoint")
   elif not _INPUT.value or not _OUTPUT.value:
     raise app.UsageError(f"{argv[1]} needs --input and --output")
   logging.set_verbosity(logging.WARNING)
   from spine_jax.conversion.errors import ConversionError
   try:
     return {"densenet": run_densenet, "nnunet": run_nnunet, "spineps": run_spineps,
-            "checkpoint": run_checkpoint}[argv[1]]()
+            "checkpoint": run_checkpoint, "export_spineps": run_export_spineps}[argv[1]]()
   except ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

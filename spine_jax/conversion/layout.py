@@ -1,4 +1,4 @@
-"""PyTorch -> Flax tensor layouts, the shape check every converter uses, and the error figure.
+"""PyTorch <-> Flax tensor layouts, the shape check every converter uses, and the error figure.
 
 PyTorch convolutions store (out, in, *k) and transposed convolutions (in, out, *k); Flax stores
 both as (*k, in, out). Spatial axes may also be reordered (``spatial_order``) when the PyTorch
@@ -25,6 +25,20 @@ def transposed_conv_to_flax(weight: np.ndarray, spatial_order: Sequence[int] | N
   d = weight.ndim - 2
   order = tuple(range(d)) if spatial_order is None else tuple(spatial_order)
   return np.transpose(weight, (*(2 + a for a in order), 0, 1))
+
+
+def conv_from_flax(kernel: np.ndarray, spatial_order: Sequence[int] | None = None) -> np.ndarray:
+  """(*k, in, out) -> (out, in, *k): the inverse of ``conv_to_flax`` (export to PyTorch)."""
+  d = kernel.ndim - 2
+  order = tuple(range(d)) if spatial_order is None else tuple(spatial_order)
+  return np.transpose(kernel, np.argsort((*(2 + a for a in order), 1, 0)))
+
+
+def transposed_conv_from_flax(kernel: np.ndarray, spatial_order: Sequence[int] | None = None) -> np.ndarray:
+  """(*k, in, out) -> (in, out, *k): the inverse of ``transposed_conv_to_flax``."""
+  d = kernel.ndim - 2
+  order = tuple(range(d)) if spatial_order is None else tuple(spatial_order)
+  return np.transpose(kernel, np.argsort((*(2 + a for a in order), 0, 1)))
 
 
 def conv_from_flax_shape(shape: Sequence[int]) -> tuple[int, ...]:

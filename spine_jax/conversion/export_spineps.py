@@ -1,0 +1,258 @@
+"""spine_jax's semantic and instance models -> SPINEPS 2.1.3 model folders: `convert spineps` backwards.
+
+  python -m spine_jax.convert export_spineps --semantic_checkpoint=RUN --instance_checkpoint=RUN --output=DIR
+
+writes DIR/semantic, an nnU-Net v2 results folder (plans.json, dataset.json,
+fold_0/checkpoint_final.pth with `network_weights`, `trainer_name`, `init_args` and the mirroring
+axes) with SPINEPS' inference_config.json, and DIR/instance, SPINEPS' instance folder
+(inference_config.json and a Lightning `*weights*.ckpt` of its `PLNet`/`Unet3D`). SPINEPS loads
+them as its own (`spineps sample -ms DIR/semantic -mi DIR/instance`), and `convert spineps` reads
+them back to bit-identical parameters.
+
+Axes: our semantic model space is the bundle's `axcodes` (PIR for SPINEPS); nnU-Net sees the
+same voxels with the array axes reversed (TPTBox's `run_inference` transposes, as SimpleITK reads a
+NIfTI), so kernels, strides, patch and spacing are written in reversed order with
+`transpose_forward` [0, 1, 2]. The instance network sees cutouts in our axis order.
+
+Not exported: spine_jax's test-time mirroring along R swaps the left and right channels back,
+which nnU-Net's mirroring cannot; the folder says `inference_augmentation: false`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+from spine_jax.conversion import layout
+from spine_jax.conversion import nnunet_plans
+from spine_jax.conversion.errors import ConversionError, refuse_existing
+from spine_jax.conversion.spineps_folder import INFERENCE_CONFIG, LOCATION_IDS
+from spine_jax.data import nifti
+from spine_jax.data import spine_labels
+from spine_jax.inference import restore
+from spine_jax.inference.phase2 import common as phase2_common
+from spine_jax.models import instance_unet
+from spine_jax.models import unet
+
+CONFIGURATION = "3d_fullres"
+TRAINER = "nnUNetTrainer"
+CHECKPOINT_FILE = "checkpoint_final.pth"
+INSTANCE_WEIGHTS_FILE = "spine_jax_instance_weights.ckpt"
+LIGHTNING_VERSION = "2.6.6"
+# nnU-Net's plan as SPINEPS' semantic model folders hold it: SimpleITK's reversed axes, no transposition.
+READER = "SimpleITKIO"
+TRANSPOSE = (0, 1, 2)
+# TPTBox names of the semantic structures, as SPINEPS' inference_config.json spells its labels.
+_LOCATION_NAME = {v: k for k, v in LOCATION_IDS.items() if k not in ("Vertebra_Corpus", "Sacrum", "background", "Unknown")}
+# PLNet (spineps/architectures_new/pl_unet.py) builds Unet3D(dim, (1, 2, 4, 8), out_dim=4, channels).
+INSTANCE_DIM_MULTS = (1, 2, 4, 8)
+_PYTORCH_NORM = {"instance": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                 "batch": "torch.nn.modules.batchnorm.BatchNorm3d"}
+
+
+def network_order() -> tuple[int, ...]:
+  """For each of our model axes, the nnU-Net network axis it is written on (the importer's own rule)."""
+  return nnunet_plans.spatial_order({"image_reader_writer": READER, "transpose_forward": list(TRANSPOSE)},
+                                    "export")
+
+
+def _aliases(key: str) -> list[str]:
+  """The other names PlainConvUNet's state dict gives a tensor: `all_modules.{0,1}` (conv, norm) of every
+  conv block and `decoder.encoder.*` (the decoder keeps a reference to the encoder)."""
+  out = []
+  for part, index in ((".conv.", 0), (".norm.", 1)):
+    if ".convs." in key and part in key:
+      out.append(key.replace(part, f".all_modules.{index}.", 1))
+  if key.startswith("encoder."):
+    out += [f"decoder.{k}" for k in (key, *out)]
+  return out
+
+
+def semantic_state_dict(variables: Mapping[str, Any], model_cfg) -> dict[str, np.ndarray]:
+  """A PlainConvUNet state dict (network axes) of our semantic U-Net's variables, aliases included."""
+  if model_cfg.norm not in _PYTORCH_NORM:
+    raise ConversionError(f"model.norm {model_cfg.norm!r}: nnU-Net's PlainConvUNet here takes "
+                          f"{', '.join(_PYTORCH_NORM)} normalisation")
+  order = network_order()
+  out: dict[str, np.ndarray] = {}
+  for collection in ("params", "batch_stats"):
+    for path, value in traverse_util.flatten_dict(dict(variables.get(collection) or {})).items():
+      value = np.asarray(value, np.float32)
+      if path[-1] == "kernel":
+        convert = layout.transposed_conv_from_flax if path[0].startswith("decoder_transpconv") else layout.conv_from_flax
+        value = convert(value, order)
+      key = unet.pytorch_key(path)
+      out[key] = np.ascontiguousarray(value)
+      if key.endswith(".running_var"):  # torch's BatchNorm counts its updates; loading needs the entry
+        out[key[:-len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
+  for key in list(out):
+    for alias in _aliases(key):
+      out[alias] = out[key]
+  return out
+
+
+def semantic_arch_kwargs(model_cfg) -> dict[str, Any]:
+  """plans.json `arch_kwargs` of our U-Net config, in network axes."""
+  order = network_order()
+  back = lambda values: [int(values[order.index(a)]) for a in range(3)]
+  nonlin = ("torch.nn.LeakyReLU", {"negative_slope": float(model_cfg.leaky_relu_slope), "inplace": True})
+  return dict(n_stages=int(model_cfg.n_stages), features_per_stage=[int(f) for f in model_cfg.features_per_stage],
+              conv_op="torch.nn.modules.conv.Conv3d",
+              kernel_sizes=[back(k) for k in model_cfg.kernel_sizes], strides=[back(s) for s in model_cfg.strides],
+              n_conv_per_stage=[int(n) for n in model_cfg.n_conv_per_stage],
+              n_conv_per_stage_decoder=[int(n) for n in model_cfg.n_conv_per_stage_decoder],
+              conv_bias=bool(model_cfg.conv_bias), norm_op=_PYTORCH_NORM[model_cfg.norm],
+              norm_op_kwargs={"eps": 1e-05, "affine": True}, dropout_op=None, dropout_op_kwargs=None,
+              nonlin=nonlin[0], nonlin_kwargs=nonlin[1])
+
+
+def _network_axes(values) -> list:
+  order = network_order()
+  return [values[order.index(a)] for a in range(3)]
+
+
+def semantic_plans(config) -> dict[str, Any]:
+  """plans.json with one 3d_fullres configuration: the architecture, patch, spacing and z-scoring."""
+  spacing = [float(s) for s in _network_axes(tuple(config.data.preprocess.spacing))]
+  patch = [int(p) for p in _network_axes(tuple(config.data.patch.patch_size))]
+  resample = lambda is_seg, order: {"is_seg": is_seg, "order": order, "order_z": 0, "force_separate_z": None}
+  configuration = dict(
+      data_identifier=f"nnUNetPlans_{CONFIGURATION}", preprocessor_name="DefaultPreprocessor", batch_size=2,
+      patch_size=patch, median_image_size_in_voxels=patch, spacing=spacing,
+      normalization_schemes=["ZScoreNormalization"], use_mask_for_norm=[False],
+      resampling_fn_data="resample_data_or_seg_to_shape", resampling_fn_data_kwargs=resample(False, 3),
+      resampling_fn_seg="resample_data_or_seg_to_shape", resampling_fn_seg_kwargs=resample(True, 1),
+      resampling_fn_probabilities="resample_data_or_seg_to_shape",
+      resampling_fn_probabilities_kwargs=resample(False, 1), batch_dice=False,
+      architecture={"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                    "arch_kwargs": semantic_arch_kwargs(config.model),
+                    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]})
+  return {"dataset_name": "Dataset001_spine_jax", "plans_name": "nnUNetPlans",
+          "original_median_spacing_after_transp": spacing, "original_median_shape_after_transp": patch,
+          "image_reader_writer": READER, "transpose_forward": list(TRANSPOSE), "transpose_backward": list(TRANSPOSE),
+          "configurations": {CONFIGURATION: configuration}, "experiment_planner_used": "ExperimentPlanner",
+          "label_manager": "LabelManager",
+          "foreground_intensity_properties_per_channel": {"0": {"max": 1.0, "mean": 0.0, "median": 0.0, "min": 0.0,
+                                                                "percentile_00_5": 0.0, "percentile_99_5": 1.0,
+                                                                "std": 1.0}}}
+
+
+def semantic_labels() -> dict[str, int]:
+  """dataset.json labels: our channel order, by TPTBox name."""
+  return {"background": 0, **{_LOCATION_NAME[i]: k for k, i in enumerate(spine_labels.SEMANTIC_IDS) if i}}
+
+
+def semantic_inference_config(config) -> dict[str, Any]:
+  return {"log_name": "spine_jax_semantic", "modality": "T2w", "acquisition": "sag", "modeltype": "nnunet",
+          "model_expected_orientation": list(config.data.preprocess.axcodes), "available_folds": 1,
+          "inference_augmentation": False,
+          "resolution_range": [float(s) for s in config.data.preprocess.spacing],
+          "default_step_size": float(config.inference.get("step_size", 0.5)),
+          "labels": {str(k): _LOCATION_NAME[i] for k, i in enumerate(spine_labels.SEMANTIC_IDS) if i}}
+
+
+def write_semantic_folder(folder: pathlib.Path, config, variables: Mapping[str, Any]) -> None:
+  """An nnU-Net v2 results folder with SPINEPS' inference_config.json, written into `folder`."""
+  import torch
+
+  plans, dataset = semantic_plans(config), {"channel_names": {"0": "T2w"}, "labels": semantic_labels(),
+                                            "numTraining": 0, "file_ending": ".nii.gz"}
+  weights = {k: torch.from_numpy(np.array(v)) for k, v in semantic_state_dict(variables, config.model).items()}
+  (folder / "fold_0").mkdir(parents=True)
+  (folder / "plans.json").write_text(json.dumps(plans, indent=2))
+  (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
+  (folder / INFERENCE_CONFIG).write_text(json.dumps(semantic_inference_config(config), indent=2))
+  torch.save({"network_weights": weights, "trainer_name": TRAINER, "current_epoch": 0,
+              "init_args": {"plans": plans, "configuration": CONFIGURATION, "fold": 0, "dataset_json": dataset},
+              "inference_allowed_mirroring_axes": ()}, folder / "fold_0" / CHECKPOINT_FILE)
+
+
+def instance_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """A Unet3D state dict of our instance U-Net's parameters (same axes: cutouts are PIR on both sides)."""
+  out = {}
+  for path, value in traverse_util.flatten_dict(dict(params)).items():
+    value = np.asarray(value, np.float32)
+    if value.ndim == 5:
+      value = (layout.transposed_conv_from_flax(value) if path[0].endswith("transpconv")
+               else layout.conv_from_flax(value))
+    out[instance_unet.pytorch_key(path)] = np.ascontiguousarray(value)
+  return out
+
+
+def check_instance_model(model_cfg) -> None:
+  """SPINEPS builds only Unet3D(dim, (1, 2, 4, 8), out_dim=4, channels=10) with GroupNorm(8) and a 7³ stem."""
+  found = dict(dim_mults=tuple(model_cfg.dim_mults), in_channels=int(model_cfg.in_channels),
+               num_classes=int(model_cfg.num_classes), groups=int(model_cfg.groups),
+               init_kernel=int(model_cfg.init_kernel))
+  wanted = dict(dim_mults=INSTANCE_DIM_MULTS, in_channels=phase2_common.INPUT_CHANNELS,
+                num_classes=phase2_common.OUTPUT_CHANNELS, groups=8, init_kernel=7)
+  wrong = {k: v for k, v in found.items() if v != wanted[k]}
+  if wrong:
+    raise ConversionError(f"instance model {wrong}: SPINEPS' PLNet builds only {wanted} (with any dim)")
+
+
+def instance_inference_config(config) -> dict[str, Any]:
+  """SPINEPS' instance inference_config.json; voxel thresholds back at SPINEPS' per-spacing counts."""
+  return {"log_name": "spine_jax_instance", "modality": "SEG", "acquisition": "sag", "modeltype": "unet",
+          "model_expected_orientation": list(config.data.preprocess.axcodes), "available_folds": 1,
+          "inference_augmentation": False, "resolution_range": [float(s) for s in config.data.preprocess.spacing],
+          "default_step_size": 0.5, "labels": {"1": 1, "2": 2, "3": 3},
+          "cutout_size": [int(n) for n in config.data.cutout.cutout_size],
+          "corpus_size_cleaning": int(config.inference.min_body_voxels),
+          "vert_size_threshold": int(config.inference.min_instance_voxels)}
+
+
+def write_instance_folder(folder: pathlib.Path, config, params: Mapping[str, Any]) -> None:
+  """SPINEPS' instance folder: inference_config.json and the Lightning checkpoint PLNet restores from."""
+  import torch
+
+  check_instance_model(config.model)
+  weights = {f"network.{k}": torch.from_numpy(np.array(v)) for k, v in instance_state_dict(params).items()}
+  opt = argparse.Namespace(channelwise=True, n_epoch=0, lr=1e-4, lr_end_factor=0.01, l2_reg_w=1e-4, dsc_loss_w=1.0)
+  folder.mkdir(parents=True)
+  (folder / INFERENCE_CONFIG).write_text(json.dumps(instance_inference_config(config), indent=2))
+  torch.save({"state_dict": weights, "epoch": 0, "global_step": 0,
+              "pytorch-lightning_version": LIGHTNING_VERSION,
+              "hyper_parameters": {"opt": opt, "do2D": False, "num_channels": phase2_common.INPUT_CHANNELS,
+                                   "dim": int(config.model.dim)}},
+             folder / INSTANCE_WEIGHTS_FILE)
+
+
+def export_pair(output, *, semantic_checkpoint=None, instance_checkpoint=None, overwrite: bool = False) -> dict:
+  """Writes `output/semantic` and/or `output/instance` together (a temporary folder renamed into place)."""
+  if semantic_checkpoint is None and instance_checkpoint is None:
+    raise ConversionError("give --semantic_checkpoint and/or --instance_checkpoint")
+  output = pathlib.Path(output).absolute()
+  refuse_existing(output, overwrite)
+  models = {}
+  for name, path in (("semantic", semantic_checkpoint), ("instance", instance_checkpoint)):
+    if path is not None:
+      try:
+        state, config, _ = restore.load_for_inference(path, name)
+      except ValueError as e:  # CheckpointError: absent, damaged or of another task
+        raise ConversionError(f"--{name}_checkpoint: {e}") from None
+      models[name] = (state, config, restore.find_model(path))
+  if "instance" in models:
+    check_instance_model(models["instance"][1].model)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+  summary: dict[str, Any] = {"output": str(output)}
+  try:
+    for name, (state, config, (kind, where)) in models.items():
+      if name == "semantic":
+        write_semantic_folder(tmp / name, config, {"params": state.params, "batch_stats": state.batch_stats})
+      else:
+        write_instance_folder(tmp / name, config, state.params)
+      summary[name] = {"source": str(where), "kind": kind, "folder": str(output / name)}
+    refuse_existing(output, overwrite)
+    nifti.replace_directory(tmp, output)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return summary
