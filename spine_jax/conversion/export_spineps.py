@@ -49,7 +49,8 @@ LIGHTNING_VERSION = "2.6.6"
 READER = "SimpleITKIO"
 TRANSPOSE = (0, 1, 2)
 # TPTBox names of the semantic structures, as SPINEPS' inference_config.json spells its labels.
-_LOCATION_NAME = {v: k for k, v in LOCATION_IDS.items() if k not in ("Vertebra_Corpus", "Sacrum", "background", "Unknown")}
+_LOCATION_NAME = {v: k for k, v in LOCATION_IDS.items()
+                  if k not in ("Vertebra_Corpus", "Sacrum", "background", "Unknown")}
 # PLNet (spineps/architectures_new/pl_unet.py) builds Unet3D(dim, (1, 2, 4, 8), out_dim=4, channels).
 INSTANCE_DIM_MULTS = (1, 2, 4, 8)
 _PYTORCH_NORM = {"instance": "torch.nn.modules.instancenorm.InstanceNorm3d",
@@ -85,8 +86,8 @@ def semantic_state_dict(variables: Mapping[str, Any], model_cfg) -> dict[str, np
     for path, value in traverse_util.flatten_dict(dict(variables.get(collection) or {})).items():
       value = np.asarray(value, np.float32)
       if path[-1] == "kernel":
-        convert = layout.transposed_conv_from_flax if path[0].startswith("decoder_transpconv") else layout.conv_from_flax
-        value = convert(value, order)
+        transposed = path[0].startswith("decoder_transpconv")
+        value = (layout.transposed_conv_from_flax if transposed else layout.conv_from_flax)(value, order)
       key = unet.pytorch_key(path)
       out[key] = np.ascontiguousarray(value)
       if key.endswith(".running_var"):  # torch's BatchNorm counts its updates; loading needs the entry

@@ -129,7 +129,7 @@ def remap_heads(variables: dict[str, Any], mapping: Mapping[int, int]) -> dict[s
 
 
 def semantic_config(plan: nnunet_plans.Plan, axcodes: Sequence[str], step_size: float,
-                    provenance: Mapping[str, Any]) -> ml_collections.ConfigDict:
+                    provenance: Mapping[str, Any], grid: str = spatial.CENTRE_GRID) -> ml_collections.ConfigDict:
   """The converted network's config as a model bundle holds it: architecture, preprocessing, patch
   and window, and where the weights came from; nothing of training (no data set, no optimiser)."""
   order = plan.spatial_order
@@ -144,7 +144,7 @@ def semantic_config(plan: nnunet_plans.Plan, axcodes: Sequence[str], step_size: 
   c.data = ml_collections.ConfigDict()
   c.data.preprocess = ml_collections.ConfigDict(dict(
       axcodes=tuple(axcodes), spacing=nnunet_plans.permute(plan.spacing, order), image_order=3,
-      max_intensity=spatial.SPINEPS_MAX_INTENSITY, max_voxels=spatial.DEFAULT_MAX_VOXELS))
+      max_intensity=spatial.SPINEPS_MAX_INTENSITY, max_voxels=spatial.DEFAULT_MAX_VOXELS, grid=grid))
   c.data.patch = ml_collections.ConfigDict(dict(patch_size=nnunet_plans.permute(plan.patch_size, order)))
   c.inference = ml_collections.ConfigDict(dict(step_size=float(step_size), batch_size=2, mirror_axes=()))
   c.converted_from = ml_collections.ConfigDict(dict(provenance))
@@ -207,7 +207,10 @@ def convert_folder(folder, output, *, fold: int | str = 0, configuration: str | 
                     fold=str(fold), network_axes_of_model_axes=list(plan.spatial_order),
                     labels={str(v): int(t) for v, t in mapping.items()},
                     spineps_inference_config=spineps_config is not None)
-  config = semantic_config(plan, codes, step, provenance)
+  # SPINEPS resamples with TPTBox's grid before nnU-Net (which then finds the plan's spacing); plain
+  # nnU-Net resizes field-of-view preserving, as the centre grid does.
+  grid = spatial.SPINEPS_GRID if spineps_config is not None else spatial.CENTRE_GRID
+  config = semantic_config(plan, codes, step, provenance, grid)
   missing = [i for i in spine_labels.SEMANTIC_IDS if i not in mapping.values()]
   summary = {**provenance, "output": str(pathlib.Path(output).absolute()), "axcodes": "".join(codes),
              "spacing": list(config.data.preprocess.spacing), "patch_size": list(config.data.patch.patch_size),

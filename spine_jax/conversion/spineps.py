@@ -142,6 +142,7 @@ def instance_config(arch: Mapping[str, Any], config: Mapping[str, Any], folder, 
   source = pathlib.Path(folder) / INFERENCE_CONFIG
   c = spineps_instance_config()
   c.model.update(dict(arch))
+  c.data.preprocess.grid = spatial.SPINEPS_GRID  # SPINEPS resamples with TPTBox's grid
   codes = orientation(config, folder)
   if codes is not None and codes != tuple(spatial.PIR):
     raise ConversionError(f"{source}: model_expected_orientation {''.join(codes)}: phase 2 here cuts out of "

@@ -13,6 +13,17 @@ The model grid's true spacing is therefore n_in * s_in / n_out (`ModelSpace.mode
 within half a voxel over the whole field of view of the requested one. Masks use nearest neighbour
 (exact integer index arithmetic, no float ties), so a mask whose spacing is an integer multiple of
 the model's, or equal to it, comes back unchanged. Samples beyond the edge repeat the edge voxel.
+
+`grid='spineps'` selects SPINEPS' convention instead (TPTBox 1.1.0's `NII.rescale` and
+`NII.resample_from_to`, which SPINEPS 2.1.3 uses), so a converted SPINEPS network sees its own
+grid: n_out = rint(n_in * s_in / s_out) voxels of exactly s_out mm, voxel 0 kept at its world
+position and the axes' directions kept (the field of view loses or gains up to half an output
+voxel at the far end; the 'centre' grid's voxel 0 lies about 0.5 * (s_out - s_in) mm further along
+each axis, -0.825 mm for 3.3 mm slices at 1.65 mm). Arrays move by
+the voxel-to-voxel matrix inv(A_from) @ A_to with spline order 3 (images) or 0 (masks) and
+mode 'nearest', as TPTBox calls scipy (align_corners=False, the default of both NII methods);
+masks return to the input grid by that matrix straight from the model grid. When every axis
+is already within 0.001 mm of the target, TPTBox leaves the grid alone, and so does this.
 """
 from __future__ import annotations
 
@@ -29,6 +40,11 @@ SPINEPS_MAX_INTENSITY = 1500.0
 # 2**27 voxels: 0.5 GiB as float32, already ~8 GiB of 15-class probabilities. Far above any
 # clinical MRI (a 1024 x 1024 x 60 scan is 2**26); a bigger array is almost surely a wrong header.
 DEFAULT_MAX_VOXELS = 2**27
+CENTRE_GRID, SPINEPS_GRID = 'centre', 'spineps'
+GRIDS = (CENTRE_GRID, SPINEPS_GRID)
+DEFAULT_GRID = CENTRE_GRID  # what a preprocess config without a `grid` field means
+# TPTBox's `rescale` keeps a volume as it is when every axis is this close (np.isclose) to the target.
+SPINEPS_KEEP_ATOL_MM = 0.001
 
 
 class VolumeError(nifti.NiftiError):
@@ -49,6 +65,7 @@ class ModelSpace:
   source_spacing: tuple  # mm along the reoriented axes
   target_spacing: tuple  # mm requested
   target_shape: tuple  # model-space shape
+  grid: str = DEFAULT_GRID  # resampling convention, one of GRIDS
 
   @property
   def input_shape(self) -> tuple:
@@ -59,13 +76,25 @@ class ModelSpace:
     return self.reorientation.affine
 
   @property
+  def resampled(self) -> bool:
+    """Whether the model grid differs from the reoriented one (SPINEPS' grid keeps a near-target scan as it is)."""
+    if self.grid == SPINEPS_GRID:
+      return not spineps_keeps_grid(self.source_spacing, self.target_spacing)
+    return self.target_shape != self.reoriented_shape
+
+  @property
   def model_spacing(self) -> np.ndarray:
-    """The model grid's true spacing (mm): the field of view is kept, so it differs slightly from target."""
+    """The model grid's true spacing (mm): 'centre' keeps the field of view, so it differs slightly from target."""
+    if self.grid == SPINEPS_GRID:
+      return np.asarray(self.target_spacing if self.resampled else self.source_spacing, np.float64)
     return np.asarray(self.source_spacing) * np.asarray(self.reoriented_shape) / np.asarray(self.target_shape)
 
   @property
   def model_affine(self) -> np.ndarray:
     """Voxel-to-world affine of the model-space grid (for writing model-space arrays as NIfTI)."""
+    if self.grid == SPINEPS_GRID:
+      affine = np.asarray(self.reoriented_affine, np.float64)
+      return spineps_model_affine(affine, self.target_spacing) if self.resampled else affine.copy()
     scale = np.asarray(self.reoriented_shape, np.float64) / np.asarray(self.target_shape, np.float64)
     to_reoriented = np.diag([*scale, 1.0])
     to_reoriented[:3, 3] = 0.5 * scale - 0.5
@@ -118,6 +147,73 @@ def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
   return np.minimum((2 * np.arange(n_out, dtype=np.int64) + 1) * n_in // (2 * n_out), n_in - 1)
 
 
+def check_grid(grid, *, name=None) -> str:
+  """`grid` if it is one of GRIDS, else ValueError listing them."""
+  if grid not in GRIDS:
+    raise ValueError(f'{_label(name)}: unknown resampling grid {grid!r} (one of {", ".join(GRIDS)})')
+  return grid
+
+
+def grid_of(prep_cfg) -> str:
+  """The grid a preprocess config asks for: its `grid` field, DEFAULT_GRID when absent (configs older than it)."""
+  return check_grid(prep_cfg.get('grid', DEFAULT_GRID), name='config.data.preprocess.grid')
+
+
+def _tptbox_zoom(spacing) -> np.ndarray:
+  """Spacing as TPTBox's `NII.zoom` reports it (rounded to 7 decimals), which its shape rule and skip test use."""
+  return np.round(np.asarray(spacing, np.float64), 7)
+
+
+def spineps_keeps_grid(source_spacing, target_spacing) -> bool:
+  """TPTBox's `rescale` skip: every axis within SPINEPS_KEEP_ATOL_MM (np.isclose) of the target keeps the grid."""
+  return bool(np.all(np.isclose(np.asarray(target_spacing, np.float64), _tptbox_zoom(source_spacing),
+                                atol=SPINEPS_KEEP_ATOL_MM)))
+
+
+def spineps_model_affine(affine: np.ndarray, spacing) -> np.ndarray:
+  """TPTBox's `rescale` affine: each column scaled to `spacing` mm (directions kept), voxel 0's world position kept."""
+  affine = np.asarray(affine, np.float64)
+  out = affine.copy()
+  out[:3, :3] = affine[:3, :3] * tuple(float(s) for s in spacing) / nifti.spacing_from_affine(affine)
+  return out
+
+
+def resample_affine(array: np.ndarray, from_affine: np.ndarray, to_affine: np.ndarray, out_shape, *,
+                    order: int) -> np.ndarray:
+  """TPTBox's `_resample_from_to` (align_corners=False, mode 'nearest'): output voxel v samples input
+  voxel inv(from_affine) @ to_affine @ v, the same matrix computed the same way, so the numbers match.
+
+  order 0 keeps the dtype (masks), order >= 1 gives float32; trailing axes (channels) follow along.
+  """
+  array = np.asarray(array)
+  voxel_map = np.linalg.inv(np.asarray(from_affine, np.float64)).dot(np.asarray(to_affine, np.float64))
+  matrix, offset = voxel_map[:3, :3], voxel_map[:3, 3]
+  out_shape = tuple(int(n) for n in out_shape)
+  flat = array.reshape(array.shape[:3] + (-1,))
+  if order >= 1:
+    flat = flat.astype(np.float32, copy=False)
+  out = np.empty(out_shape + (flat.shape[-1],), flat.dtype)
+  for c in range(flat.shape[-1]):
+    ndimage.affine_transform(flat[..., c], matrix, offset, output_shape=out_shape, output=out[..., c],
+                             order=order, mode='nearest')
+  return out.reshape(out_shape + array.shape[3:])
+
+
+def _unresampled(array: np.ndarray, order: int) -> np.ndarray:
+  """What resampling onto the same grid gives: a copy (order 0 keeps the dtype) or float32."""
+  return array.copy() if order == 0 else array.astype(np.float32)
+
+
+def _to_grid(reoriented: np.ndarray, model_space: ModelSpace, *, order: int) -> np.ndarray:
+  """A reoriented array onto the model grid, in the model space's convention."""
+  if model_space.grid == SPINEPS_GRID:
+    if not model_space.resampled:
+      return _unresampled(reoriented, order)
+    return resample_affine(reoriented, model_space.reoriented_affine, model_space.model_affine,
+                           model_space.target_shape, order=order)
+  return resample(reoriented, model_space.target_shape, order=order)
+
+
 def resample(array: np.ndarray, out_shape, *, order: int) -> np.ndarray:
   """Centre-aligned resampling of the first three axes to `out_shape` (trailing axes follow).
 
@@ -128,7 +224,7 @@ def resample(array: np.ndarray, out_shape, *, order: int) -> np.ndarray:
   in_shape = array.shape[:3]
   out_shape = tuple(int(n) for n in out_shape)
   if out_shape == in_shape:
-    return array.copy() if order == 0 else array.astype(np.float32)
+    return _unresampled(array, order)
   if order == 0:
     return array[np.ix_(*(_nearest_indices(a, b) for a, b in zip(in_shape, out_shape)))]
   scale = np.asarray(in_shape, np.float64) / np.asarray(out_shape, np.float64)
@@ -141,10 +237,20 @@ def resample(array: np.ndarray, out_shape, *, order: int) -> np.ndarray:
   return out.reshape(out_shape + array.shape[3:])
 
 
+def _target_shape(shape, source_spacing, target_spacing, grid: str) -> tuple:
+  """Model-space shape: round(n * s_in / s_out) per axis ('spineps': TPTBox's rounded zoom, or kept as it is)."""
+  if grid == SPINEPS_GRID:
+    if spineps_keeps_grid(source_spacing, target_spacing):
+      return tuple(int(n) for n in shape)
+    source_spacing = _tptbox_zoom(source_spacing)
+  return resampled_shape(shape, source_spacing, target_spacing)
+
+
 def to_model_space(image: np.ndarray, affine: np.ndarray, *, axcodes=PIR, spacing=REFERENCE_SPACING,
                    order: int = 3, is_mask: bool = False, max_voxels: int | None = DEFAULT_MAX_VOXELS,
-                   name=None) -> tuple[np.ndarray, ModelSpace]:
-  """Reorient to `axcodes` and resample to `spacing` mm: (model-space array, ModelSpace).
+                   grid: str = DEFAULT_GRID, name=None) -> tuple[np.ndarray, ModelSpace]:
+  """Reorient to `axcodes` and resample to `spacing` mm on `grid` (see module docstring): (model-space
+  array, ModelSpace).
 
   Images are interpolated with spline `order` (3 cubic, 1 linear) to float32; masks
   (`is_mask=True`) with nearest neighbour, keeping their dtype. Faults raise VolumeError (a
@@ -156,16 +262,17 @@ def to_model_space(image: np.ndarray, affine: np.ndarray, *, axcodes=PIR, spacin
   affine = np.asarray(affine, np.float64)
   nifti.check_affine(_label(name), affine)
   target_spacing = check_spacing(spacing, name=name)
+  grid = check_grid(grid, name=name)
   reoriented, new_affine, reorientation = nifti.reorient(image, affine, axcodes)
   source_spacing = nifti.spacing_from_affine(new_affine)
-  target_shape = resampled_shape(reoriented.shape, source_spacing, target_spacing)
+  target_shape = _target_shape(reoriented.shape, source_spacing, target_spacing, grid)
   check_voxel_count(target_shape, name=name, max_voxels=max_voxels,
                     what=f'volume resampled to {target_spacing.tolist()} mm')
   model_space = ModelSpace(
       reorientation=reorientation, axcodes=tuple(axcodes), reoriented_shape=tuple(reoriented.shape),
       reoriented_affine=new_affine, source_spacing=tuple(source_spacing.tolist()),
-      target_spacing=tuple(target_spacing.tolist()), target_shape=target_shape)
-  return resample(reoriented, target_shape, order=0 if is_mask else order), model_space
+      target_spacing=tuple(target_spacing.tolist()), target_shape=target_shape, grid=grid)
+  return _to_grid(reoriented, model_space, order=0 if is_mask else order), model_space
 
 
 def mask_to_model_space(mask: np.ndarray, affine: np.ndarray, **kwargs) -> tuple[np.ndarray, ModelSpace]:
@@ -180,7 +287,7 @@ def apply_model_space(array: np.ndarray, model_space: ModelSpace, *, is_mask: bo
   if array.shape[:3] != model_space.input_shape:
     raise ValueError(f'array of shape {array.shape} is not on the input grid of shape {model_space.input_shape}')
   reoriented, _, _ = nifti.reorient(array, model_space.input_affine, model_space.axcodes)
-  return resample(reoriented, model_space.target_shape, order=0 if is_mask else order)
+  return _to_grid(reoriented, model_space, order=0 if is_mask else order)
 
 
 def from_model_space(array: np.ndarray, model_space: ModelSpace, *, is_mask: bool = True,
@@ -189,12 +296,20 @@ def from_model_space(array: np.ndarray, model_space: ModelSpace, *, is_mask: boo
 
   Masks use nearest neighbour; other arrays spline `order` (default linear: probabilities stay
   in [0, 1] and keep summing to 1, which cubic would not). The result has the input's exact
-  shape (plus trailing axes), so it is saved with the input's affine.
+  shape (plus trailing axes), so it is saved with the input's affine. On SPINEPS' grid it goes
+  straight from the model grid to the input grid, as TPTBox's `resample_from_to` does.
   """
   array = np.asarray(array)
+  order = 0 if is_mask else order
   if array.shape[:3] != model_space.target_shape:
     raise ValueError(f'array of shape {array.shape} is not on the model grid of shape {model_space.target_shape}')
-  resampled = resample(array, model_space.reoriented_shape, order=0 if is_mask else order)
+  if model_space.grid == SPINEPS_GRID:
+    if model_space.resampled:
+      return resample_affine(array, model_space.model_affine, model_space.input_affine, model_space.input_shape,
+                             order=order)
+    resampled = _unresampled(array, order)
+  else:
+    resampled = resample(array, model_space.reoriented_shape, order=order)
   return nifti.undo_reorientation(resampled, model_space.reorientation)
 
 

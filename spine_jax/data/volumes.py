@@ -46,7 +46,8 @@ def prepare_scan(image, affine, prep_cfg, *, semantic=None, instance=None, name=
   """
   target = tuple(prep_cfg.spacing)
   x, space = spatial.to_model_space(image, affine, axcodes=tuple(prep_cfg.axcodes), spacing=target,
-                                    order=prep_cfg.image_order, max_voxels=prep_cfg.max_voxels, name=name)
+                                    order=prep_cfg.image_order, max_voxels=prep_cfg.max_voxels,
+                                    grid=spatial.grid_of(prep_cfg), name=name)
   x = spatial.normalise_mri(x, max_value=prep_cfg.max_intensity, standardise=True).astype(np.float32)
   labels = inst = locations = None
   if semantic is not None:

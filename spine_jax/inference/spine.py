@@ -4,7 +4,7 @@ Where each step runs:
 1. Phase 1 (`semantic.segment_array`) in the semantic checkpoint's model space; its mask comes back
    to the input grid as `predict semantic` writes it.
 2. That input-grid mask goes to the instance checkpoint's model space (`config.data.preprocess`:
-   orientation and spacing, nearest neighbour), exactly as the instance network's training volumes
+   orientation, spacing and grid, nearest neighbour), exactly as the instance network's training volumes
    did, and `instance.segment_instances` runs there with `config.inference` (cutout size, thresholds).
 3. The instances come back to the input grid by nearest neighbour, and `instance.label_spine` runs
    again there, on the input grid reoriented to PIR (no resampling) with the input-grid semantic
@@ -107,7 +107,8 @@ def instances_in_input_space(semantic: np.ndarray, affine: np.ndarray, instance_
   cfg = cfg if cfg is not None else phase2_config(instance_model)
   prep = instance_model.config.data.preprocess
   model_mask, space = spatial.mask_to_model_space(semantic, affine, axcodes=tuple(prep.axcodes),
-                                                  spacing=tuple(prep.spacing), max_voxels=prep.max_voxels, name=name)
+                                                  spacing=tuple(prep.spacing), max_voxels=prep.max_voxels,
+                                                  grid=spatial.grid_of(prep), name=name)
   model_instances, messages = phase2.segment_instances(model_mask, predict_fn or instance_model.fn, cfg,
                                                              spacing=space.model_spacing)
   coarse = spatial.from_model_space(model_instances, space, is_mask=True)
