@@ -16,7 +16,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Generated or machine-local content that a user's copy of the project would not hold.
 _NOT_SOURCE = shutil.ignore_patterns(".git", ".jax_cache", ".pytest_cache", "__pycache__", "*.egg-info", "build",
-                                     "runs", "workdir*", ".whl", ".gl")
+                                     "runs", "workdir*", ".whl", ".gl", ".spineps-env")
 
 
 def _run(args, cwd, timeout=600):

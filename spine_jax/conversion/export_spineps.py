@@ -14,8 +14,9 @@ same voxels with the array axes reversed (TPTBox's `run_inference` transposes, a
 NIfTI), so kernels, strides, patch and spacing are written in reversed order with
 `transpose_forward` [0, 1, 2]. The instance network sees cutouts in our axis order.
 
-Not exported: spine_jax's test-time mirroring along R swaps the left and right channels back,
-which nnU-Net's mirroring cannot; the folder says `inference_augmentation: false`.
+Mirroring: spine_jax's test-time mirroring along R swaps the left and right channels back, which
+nnU-Net's mirroring cannot, so a model trained here says `inference_augmentation: false`; a converted
+nnU-Net model (which mirrors without the swap) keeps its axes.
 """
 from __future__ import annotations
 
@@ -149,10 +150,20 @@ def semantic_labels() -> dict[str, int]:
   return {"background": 0, **{_LOCATION_NAME[i]: k for k, i in enumerate(spine_labels.SEMANTIC_IDS) if i}}
 
 
+def exported_mirror_axes(config) -> tuple[int, ...]:
+  """nnU-Net's mirroring axes (network axes) for a bundle whose mirroring nnU-Net can do: one without
+  the left-right channel swap (a converted nnU-Net model); none otherwise."""
+  inference = config.get("inference") or {}
+  if inference.get("mirror_swaps_left_right", True):
+    return ()
+  order = network_order()
+  return tuple(sorted(order[j] for j in inference.get("mirror_axes", ())))
+
+
 def semantic_inference_config(config) -> dict[str, Any]:
   return {"log_name": "spine_jax_semantic", "modality": "T2w", "acquisition": "sag", "modeltype": "nnunet",
           "model_expected_orientation": list(config.data.preprocess.axcodes), "available_folds": 1,
-          "inference_augmentation": False,
+          "inference_augmentation": bool(exported_mirror_axes(config)),
           "resolution_range": [float(s) for s in config.data.preprocess.spacing],
           "default_step_size": float(config.inference.get("step_size", 0.5)),
           "labels": {str(k): _LOCATION_NAME[i] for k, i in enumerate(spine_labels.SEMANTIC_IDS) if i}}
@@ -171,7 +182,7 @@ def write_semantic_folder(folder: pathlib.Path, config, variables: Mapping[str, 
   (folder / INFERENCE_CONFIG).write_text(json.dumps(semantic_inference_config(config), indent=2))
   torch.save({"network_weights": weights, "trainer_name": TRAINER, "current_epoch": 0,
               "init_args": {"plans": plans, "configuration": CONFIGURATION, "fold": 0, "dataset_json": dataset},
-              "inference_allowed_mirroring_axes": ()}, folder / "fold_0" / CHECKPOINT_FILE)
+              "inference_allowed_mirroring_axes": exported_mirror_axes(config)}, folder / "fold_0" / CHECKPOINT_FILE)
 
 
 def instance_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -53,7 +53,8 @@ NEVER_LOGIT = -1e4  # bias of a head for a structure the nnU-Net model does not 
 
 
 def network_weights(path: pathlib.Path, *, trust_pickle: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """(state dict without its alias keys, the checkpoint's init_args) of ``checkpoint_final.pth``."""
+  """(state dict without its alias keys, the checkpoint's init_args and ``inference_allowed_mirroring_axes``
+  under ``mirror_axes``) of ``checkpoint_final.pth``."""
   checkpoint = torch_files.load(path, trust_pickle=trust_pickle)
   if not isinstance(checkpoint, Mapping) or "network_weights" not in checkpoint:
     found = sorted(map(str, checkpoint)) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
@@ -62,7 +63,15 @@ def network_weights(path: pathlib.Path, *, trust_pickle: bool) -> tuple[dict[str
   arrays = torch_files.strip_common_prefix(arrays)
   arrays = {k: v for k, v in arrays.items() if ".all_modules." not in k and not k.startswith("decoder.encoder.")}
   init_args = checkpoint.get("init_args")
-  return arrays, dict(init_args) if isinstance(init_args, Mapping) else {}
+  meta = dict(init_args) if isinstance(init_args, Mapping) else {}
+  axes = checkpoint.get("inference_allowed_mirroring_axes")
+  try:
+    meta["mirror_axes"] = None if axes is None else tuple(sorted(int(a) for a in axes))
+  except (TypeError, ValueError):
+    raise ConversionError(f"{path}: inference_allowed_mirroring_axes {axes!r} is not a list of axes") from None
+  if meta["mirror_axes"] is not None and not set(meta["mirror_axes"]) <= {0, 1, 2}:
+    raise ConversionError(f"{path}: inference_allowed_mirroring_axes {axes!r}: not among the spatial axes 0, 1, 2")
+  return arrays, meta
 
 
 def unet_template(cfg: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -128,8 +137,18 @@ def remap_heads(variables: dict[str, Any], mapping: Mapping[int, int]) -> dict[s
   return {**variables, "params": params}
 
 
+def mirror_axes(allowed, order: Sequence[int], spineps_config: Mapping[str, Any] | None) -> tuple[int, ...]:
+  """Our model axes of nnU-Net's test-time mirroring: the checkpoint's allowed axes (network axes; none
+  recorded, no mirroring, as nnU-Net's predictor does), when the predictor mirrors at all: SPINEPS' only
+  with ``inference_augmentation`` true in its inference_config.json, nnU-Net's own by default."""
+  if allowed is None or (spineps_config is not None and not bool(spineps_config.get("inference_augmentation"))):
+    return ()
+  return tuple(sorted(j for j in range(3) if order[j] in allowed))
+
+
 def semantic_config(plan: nnunet_plans.Plan, axcodes: Sequence[str], step_size: float,
-                    provenance: Mapping[str, Any], grid: str = spatial.CENTRE_GRID) -> ml_collections.ConfigDict:
+                    provenance: Mapping[str, Any], grid: str = spatial.CENTRE_GRID,
+                    mirror: Sequence[int] = ()) -> ml_collections.ConfigDict:
   """The converted network's config as a model bundle holds it: architecture, preprocessing, patch
   and window, and where the weights came from; nothing of training (no data set, no optimiser)."""
   order = plan.spatial_order
@@ -146,7 +165,9 @@ def semantic_config(plan: nnunet_plans.Plan, axcodes: Sequence[str], step_size: 
       axcodes=tuple(axcodes), spacing=nnunet_plans.permute(plan.spacing, order), image_order=3,
       max_intensity=spatial.SPINEPS_MAX_INTENSITY, max_voxels=spatial.DEFAULT_MAX_VOXELS, grid=grid))
   c.data.patch = ml_collections.ConfigDict(dict(patch_size=nnunet_plans.permute(plan.patch_size, order)))
-  c.inference = ml_collections.ConfigDict(dict(step_size=float(step_size), batch_size=2, mirror_axes=()))
+  # nnU-Net mirrors without exchanging left and right structures.
+  c.inference = ml_collections.ConfigDict(dict(step_size=float(step_size), batch_size=2, mirror_axes=tuple(mirror),
+                                               mirror_swaps_left_right=False))
   c.converted_from = ml_collections.ConfigDict(dict(provenance))
   return c
 
@@ -210,7 +231,8 @@ def convert_folder(folder, output, *, fold: int | str = 0, configuration: str | 
   # SPINEPS resamples with TPTBox's grid before nnU-Net (which then finds the plan's spacing); plain
   # nnU-Net resizes field-of-view preserving, as the centre grid does.
   grid = spatial.SPINEPS_GRID if spineps_config is not None else spatial.CENTRE_GRID
-  config = semantic_config(plan, codes, step, provenance, grid)
+  mirror = mirror_axes(init_args.get("mirror_axes"), plan.spatial_order, spineps_config)
+  config = semantic_config(plan, codes, step, provenance, grid, mirror)
   missing = [i for i in spine_labels.SEMANTIC_IDS if i not in mapping.values()]
   summary = {**provenance, "output": str(pathlib.Path(output).absolute()), "axcodes": "".join(codes),
              "spacing": list(config.data.preprocess.spacing), "patch_size": list(config.data.patch.patch_size),

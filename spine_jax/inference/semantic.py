@@ -18,15 +18,17 @@ def predict_volume(logits_fn, image: np.ndarray, cfg, progress=None) -> np.ndarr
   """Class-index map (X, Y, Z) of one model-space volume by Gaussian-weighted sliding window.
 
   Test-time mirroring along the left-right axis (R of PIR) swaps the left and right structures of
-  the flipped prediction back, as training's mirroring along it swaps their labels.
+  the flipped prediction back, as training's mirroring along it swaps their labels; converted nnU-Net
+  models mirror as nnU-Net does, without the swap (`inference.mirror_swaps_left_right` false).
   """
   axcodes = tuple(cfg.data.preprocess.get("axcodes", spatial.PIR))
   lr_axis = next(i for i, code in enumerate(axcodes) if code in "LR")
+  swaps = {lr_axis: spine_labels.left_right_swap()} if cfg.inference.get("mirror_swaps_left_right", True) else {}
   probs = sliding_window.sliding_window_predict(
       logits_fn, image[..., None], tuple(cfg.data.patch.patch_size), spine_labels.NUM_CLASSES,
       step_size=cfg.inference.step_size, batch_size=cfg.inference.batch_size,
       use_gaussian=True, mirror_axes=tuple(cfg.inference.mirror_axes),
-      mirror_channel_swaps={lr_axis: spine_labels.left_right_swap()}, progress=progress)
+      mirror_channel_swaps=swaps, progress=progress)
   return probs.argmax(-1).astype(np.uint8)
 
 

@@ -208,6 +208,17 @@ def test_spineps_folder_uses_its_inference_config(converted, torch, tmp_path):
   spineps_state, config, _ = restore.load_for_inference(tmp_path / "spineps", "semantic")
   assert config.inference.step_size == pytest.approx(0.6)
   assert jax.tree.all(jax.tree.map(np.array_equal, spineps_state.params, state.params))
+  # SPINEPS' own settings: TPTBox's resampling grid; no mirroring, as its inference_augmentation is false.
+  assert config.data.preprocess.grid == "spineps" and tuple(config.inference.mirror_axes) == ()
+
+
+def test_mirroring_follows_the_model_folder():
+  order = (2, 1, 0)  # our P, I, R are the network's axes 2, 1, 0
+  assert nnunet.mirror_axes((0, 1, 2), order, None) == (0, 1, 2)  # nnU-Net mirrors by default
+  assert nnunet.mirror_axes(None, order, None) == ()  # none recorded: nnU-Net's predictor does not mirror
+  assert nnunet.mirror_axes((0,), order, None) == (2,)  # network axis 0 is our R
+  assert nnunet.mirror_axes((0, 1, 2), order, {"inference_augmentation": False}) == ()
+  assert nnunet.mirror_axes((1, 2), order, {"inference_augmentation": True}) == (0, 1)
 
 
 def test_missing_structures_get_heads_that_never_win():
