@@ -127,6 +127,27 @@ def semantic_postprocess(zooms: dict[str, list[float]], proc_clean_small_cc_arti
   return out
 
 
+def fill_voids(**masks: np.ndarray) -> dict[str, np.ndarray]:
+  """`fill_voids.fill` of each binary mask, as TPTBox's np_fill_holes calls it (`TPTBox.core.np_utils._fill`),
+  many masks in one call."""
+  from TPTBox.core.np_utils import _fill
+  return {name: _fill(np.asarray(mask, bool)) for name, mask in masks.items()}
+
+
+def load_model_folders(semantic: str, instance: str) -> dict[str, np.ndarray]:
+  """SPINEPS' own loader on a semantic and an instance model folder (`get_actual_model(...).load()`, on the CPU):
+  the parameter count of each loaded network and the class SPINEPS restored the instance network as."""
+  from spineps.get_models import get_actual_model
+
+  out = {}
+  for name, folder in (("semantic", semantic), ("instance", instance)):
+    model = get_actual_model(folder, use_cpu=True).load()
+    network = model.predictor.network  # nnU-Net's predictor, or the restored Lightning PLNet
+    out[f"{name}/num_parameters"] = np.asarray(sum(p.numel() for p in network.parameters()))
+    out[f"{name}/class"] = np.asarray(f"{type(model.predictor).__module__}.{type(model.predictor).__name__}")
+  return out
+
+
 # --- The harness. ---------------------------------------------------------------------------------------------
 
 

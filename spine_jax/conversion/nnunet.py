@@ -47,6 +47,7 @@ from spine_jax.conversion.errors import ConversionError, refuse_existing
 from spine_jax.data import spatial
 from spine_jax.data import spine_labels
 from spine_jax.engine import bundle
+from spine_jax.inference import semantic_postprocess
 from spine_jax.models import unet
 
 NEVER_LOGIT = -1e4  # bias of a head for a structure the nnU-Net model does not predict
@@ -148,9 +149,11 @@ def mirror_axes(allowed, order: Sequence[int], spineps_config: Mapping[str, Any]
 
 def semantic_config(plan: nnunet_plans.Plan, axcodes: Sequence[str], step_size: float,
                     provenance: Mapping[str, Any], grid: str = spatial.CENTRE_GRID,
-                    mirror: Sequence[int] = ()) -> ml_collections.ConfigDict:
+                    mirror: Sequence[int] = (),
+                    postprocess_mode: str = semantic_postprocess.SPINE_JAX_MODE) -> ml_collections.ConfigDict:
   """The converted network's config as a model bundle holds it: architecture, preprocessing, patch
-  and window, and where the weights came from; nothing of training (no data set, no optimiser)."""
+  and window, phase-1 post-processing, and where the weights came from; nothing of training (no data
+  set, no optimiser)."""
   order = plan.spatial_order
   c = ml_collections.ConfigDict()
   c.task = "semantic"
@@ -168,6 +171,7 @@ def semantic_config(plan: nnunet_plans.Plan, axcodes: Sequence[str], step_size: 
   # nnU-Net mirrors without exchanging left and right structures.
   c.inference = ml_collections.ConfigDict(dict(step_size=float(step_size), batch_size=2, mirror_axes=tuple(mirror),
                                                mirror_swaps_left_right=False))
+  c.postprocess = semantic_postprocess.default_postprocess_config(postprocess_mode)
   c.converted_from = ml_collections.ConfigDict(dict(provenance))
   return c
 
@@ -231,8 +235,10 @@ def convert_folder(folder, output, *, fold: int | str = 0, configuration: str | 
   # SPINEPS resamples with TPTBox's grid before nnU-Net (which then finds the plan's spacing); plain
   # nnU-Net resizes field-of-view preserving, as the centre grid does.
   grid = spatial.SPINEPS_GRID if spineps_config is not None else spatial.CENTRE_GRID
+  # SPINEPS cleans its semantic mask its own way (phase_semantic.py); a plain nnU-Net model gets ours.
+  postprocess = semantic_postprocess.SPINEPS_MODE if spineps_config is not None else semantic_postprocess.SPINE_JAX_MODE
   mirror = mirror_axes(init_args.get("mirror_axes"), plan.spatial_order, spineps_config)
-  config = semantic_config(plan, codes, step, provenance, grid, mirror)
+  config = semantic_config(plan, codes, step, provenance, grid, mirror, postprocess)
   missing = [i for i in spine_labels.SEMANTIC_IDS if i not in mapping.values()]
   summary = {**provenance, "output": str(pathlib.Path(output).absolute()), "axcodes": "".join(codes),
              "spacing": list(config.data.preprocess.spacing), "patch_size": list(config.data.patch.patch_size),

@@ -159,14 +159,14 @@ def grid_of(prep_cfg) -> str:
   return check_grid(prep_cfg.get('grid', DEFAULT_GRID), name='config.data.preprocess.grid')
 
 
-def _tptbox_zoom(spacing) -> np.ndarray:
+def tptbox_zoom(spacing) -> np.ndarray:
   """Spacing as TPTBox's `NII.zoom` reports it (rounded to 7 decimals), which its shape rule and skip test use."""
   return np.round(np.asarray(spacing, np.float64), 7)
 
 
 def spineps_keeps_grid(source_spacing, target_spacing) -> bool:
   """TPTBox's `rescale` skip: every axis within SPINEPS_KEEP_ATOL_MM (np.isclose) of the target keeps the grid."""
-  return bool(np.all(np.isclose(np.asarray(target_spacing, np.float64), _tptbox_zoom(source_spacing),
+  return bool(np.all(np.isclose(np.asarray(target_spacing, np.float64), tptbox_zoom(source_spacing),
                                 atol=SPINEPS_KEEP_ATOL_MM)))
 
 
@@ -242,7 +242,7 @@ def _target_shape(shape, source_spacing, target_spacing, grid: str) -> tuple:
   if grid == SPINEPS_GRID:
     if spineps_keeps_grid(source_spacing, target_spacing):
       return tuple(int(n) for n in shape)
-    source_spacing = _tptbox_zoom(source_spacing)
+    source_spacing = tptbox_zoom(source_spacing)
   return resampled_shape(shape, source_spacing, target_spacing)
 
 

@@ -19,6 +19,7 @@ from spine_jax.engine import bundle
 from spine_jax.inference import restore
 from spine_jax.models import instance_unet
 from spine_jax.models import unet
+from tests import spineps_oracle
 from tests.conversion.spineps_folders import load_unet3d
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -116,6 +117,21 @@ def test_spineps_unet3d_runs_the_exported_instance_model_as_we_do(exported, inst
   conformance("export: instance Unet3D dim 8 (1,2,4,8) in SPINEPS' Unet3D", ours, ref, tolerance=2e-5)
   config_json = json.loads((out / "instance" / "inference_config.json").read_text())
   assert config_json["modeltype"] == "unet" and config_json["cutout_size"] == list(CUTOUT)
+
+
+def test_spineps_loads_the_exported_folders(exported, semantic_smoke_run, instance_bundle):
+  """SPINEPS 2.1.3's own loader, in its own environment, offline."""
+  reason = spineps_oracle.available()
+  if reason:
+    pytest.skip(reason)
+  out, _ = exported
+  loaded = spineps_oracle.call("worker.load_model_folders", {}, semantic=str(out / "semantic"),
+                               instance=str(out / "instance"))
+  for name, source in (("semantic", semantic_smoke_run), ("instance", instance_bundle)):
+    state, _, _ = restore.load_for_inference(source, name)
+    ours = sum(np.size(v) for v in jax.tree.leaves(state.params))
+    assert int(loaded[f"{name}/num_parameters"]) == ours, name
+  assert str(loaded["instance/class"]).endswith("architectures_new.pl_unet.PLNet")
 
 
 def test_instance_models_spineps_cannot_build_are_refused(instance_smoke_run, tmp_path):

@@ -137,6 +137,7 @@ def converted(torch, unet_arch, tmp_path_factory):
   run = _convert_cli(f"--input={folder}", f"--output={out}")
   assert run.returncode == 0, run.stderr[-3000:]
   state, config, mesh = restore.load_for_inference(out, "semantic")
+  assert config.postprocess.mode == "spine_jax"  # a plain nnU-Net folder: our clean-up
   return net, folder, out, state, config, mesh
 
 
@@ -210,6 +211,7 @@ def test_spineps_folder_uses_its_inference_config(converted, torch, tmp_path):
   assert jax.tree.all(jax.tree.map(np.array_equal, spineps_state.params, state.params))
   # SPINEPS' own settings: TPTBox's resampling grid; no mirroring, as its inference_augmentation is false.
   assert config.data.preprocess.grid == "spineps" and tuple(config.inference.mirror_axes) == ()
+  assert config.postprocess.mode == "spineps"  # its phase-1 clean-up (phase_semantic.py)
 
 
 def test_mirroring_follows_the_model_folder():

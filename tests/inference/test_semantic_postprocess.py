@@ -1,6 +1,7 @@
 """Phase-1 post-processing on hand-built PIR masks with known answers."""
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from spine_jax.inference import semantic_postprocess as sp
 
@@ -130,3 +131,72 @@ def test_postprocess_semantic_runs_the_steps_in_order():
   cfg.remove_small_components = False
   out = sp.postprocess_semantic(seg, SPACING, cfg)
   assert np.array_equal(out, seg) and out is not seg
+
+
+def test_mode_is_spine_jax_unless_asked():
+  assert sp.default_postprocess_config().mode == 'spine_jax'
+  assert sp.default_postprocess_config('spineps').mode == 'spineps'
+  with pytest.raises(ValueError, match='mode'):
+    sp.default_postprocess_config('nnunet')
+  seg = np.zeros((30, 30, 30), np.int16)
+  seg[5:20, 5:20, 5:20] = 49
+  seg[25:28, 5:10, 5:10] = 100  # 5 voxels after the body on axis 0: beyond spine_jax's box (4), SPINEPS' boxes meet
+  old = sp.default_postprocess_config()
+  del old['mode']  # a config written before the field existed
+  assert np.array_equal(sp.postprocess_semantic(seg, SPACING, old), sp.postprocess_semantic(seg, SPACING))
+  assert np.count_nonzero(sp.postprocess_semantic(seg, SPACING) == 100) == 0
+  assert np.array_equal(sp.postprocess_semantic(seg, SPACING, sp.default_postprocess_config('spineps')), seg)
+
+
+def test_spineps_thresholds_follow_its_rounding():
+  assert sp.spineps_min_component_voxels(SPACING) == 30
+  assert sp.spineps_min_component_voxels(np.float32(SPACING)) == 30  # float32 spacing as the volumes hold it
+  assert sp.spineps_min_component_voxels((1.5, 1.5, 1.5)) == 8  # 27.84 mm3 / 3.375 mm3
+  assert sp.spineps_box_margins(SPACING) == (4, 4)
+  assert sp.spineps_box_margins((0.9, 0.8, 3.3)) == (3, 4)  # 3.75 voxels: truncated for the box, rounded for I
+  assert sp.spineps_box_margins((0.7505, 0.7505, 1.65)) == (3, 4)  # a kept grid: 3.997 voxels
+
+
+def test_chained_components_grow_through_neighbours_and_along_inferior():
+  starts = np.array([[0, 0, 0], [10, 0, 0], [20, 0, 0], [0, 14, 0], [20, 15, 0]])
+  stops = np.array([[10, 10, 10], [20, 10, 10], [30, 10, 10], [10, 20, 10], [30, 20, 10]])
+  # 1 meets 0 (ends touch), 2 meets 1; on I, 0's box reaches 10 + 4: 3 starts there; 4 starts 1 after 2's reach.
+  assert sp.chained_components(starts, stops, seed=0, tolerance=4).tolist() == [True, True, True, True, False]
+  assert sp.chained_components(starts, stops, seed=4, tolerance=4).tolist() == [False, False, False, False, True]
+  assert sp.chained_components(starts, stops, seed=4, tolerance=5).tolist() == [True] * 5
+
+
+def test_spineps_box_clean_keeps_whole_components():
+  seg = np.zeros((40, 40, 20), np.int16)
+  seg[14:30, 10:30, 5:15] = 49
+  seg[31:40, 12:14, 8:10] = 41  # meets the body's box but reaches far beyond it: kept whole
+  seg[0:3, 35:40, 0:2] = 100  # 10 voxels before the body on axis 0: dropped
+  out = sp.spineps_bounding_box_clean(seg, SPACING)
+  expected = seg.copy()
+  expected[0:3, 35:40, 0:2] = 0
+  assert np.array_equal(out, expected)
+  assert np.count_nonzero(sp.keep_largest_component_bbox(seg, SPACING) == 41) < np.count_nonzero(seg == 41)
+
+
+def test_fill_voids_fill_misses_edge_pockets():
+  """fill_voids seeds runs of each face scanned in Fortran order without breaking them at row ends: a
+  background voxel on an edge, walled in, is filled though it touches the border."""
+  mask = np.zeros((7, 7, 8), bool)
+  mask[0:6, 0:6, 1:7] = True
+  mask[0, 0, 4] = False  # on faces 0 and 1; the scans reach it right after background row ends
+  mask[2, 0, 4] = False  # on face 1 only, after a foreground voxel: seeded
+  mask[3, 3, 3] = False  # a true hole
+  filled = sp.fill_voids_fill(mask)
+  assert filled[0, 0, 4] and not filled[2, 0, 4] and filled[3, 3, 3]
+  expected = ndimage.binary_fill_holes(mask)  # scipy: holes are what does not reach the border
+  expected[0, 0, 4] = True
+  assert np.array_equal(filled, expected)
+
+
+def test_spineps_fill_order_puts_the_canal_first():
+  seg = np.zeros((11, 11, 11), np.int16)
+  seg[1:10, 1:10, 1:10] = 61
+  seg[3:8, 3:8, 3:8] = 60
+  seg[5, 5, 5] = 0
+  assert sp.postprocess_spineps(seg, SPACING, remove_small=False, chain_boxes=False)[5, 5, 5] == 61
+  assert sp.postprocess_semantic(seg, SPACING)[5, 5, 5] == 60
