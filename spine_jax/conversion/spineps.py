@@ -115,6 +115,9 @@ def _triple(value, n, what, source, kind=float) -> tuple:
   return out
 
 
+SPINEPS_FIRST_VERTEBRA, SPINEPS_FIRST_VERTEBRA_WITH_C1 = 2, 1
+
+
 def spineps_instance_config() -> ml_collections.ConfigDict:
   """SPINEPS' instance model as a bundle describes it: the network at SPINEPS 1.x scale (widths
   16..128, 5.4 M parameters), the reference spacing in PIR, 248 x 304 x 64 cutouts and phase 2's
@@ -143,6 +146,9 @@ def instance_config(arch: Mapping[str, Any], config: Mapping[str, Any], folder, 
   c = spineps_instance_config()
   c.model.update(dict(arch))
   c.data.preprocess.grid = spatial.SPINEPS_GRID  # SPINEPS resamples with TPTBox's grid
+  # Without a labelling model SPINEPS numbers the top vertebra 2 (C2: its MRI models have no C1), or 1 when
+  # the semantic model says has_c1 (seg_run.py vertebra_instance_labeling_offset; convert_pair reads it).
+  c.inference.first_vertebra = SPINEPS_FIRST_VERTEBRA
   codes = orientation(config, folder)
   if codes is not None and codes != tuple(spatial.PIR):
     raise ConversionError(f"{source}: model_expected_orientation {''.join(codes)}: phase 2 here cuts out of "
@@ -273,7 +279,9 @@ def convert_pair(output, *, semantic_folder=None, instance_folder=None, trust_pi
   try:
     if semantic_folder is not None:
       folder = model_folder(semantic_folder, "semantic")
-      read_inference_config(folder, modeltype="nnunet")  # a swapped pair fails here, naming the fix
+      semantic_config = read_inference_config(folder, modeltype="nnunet")  # a swapped pair fails here, naming the fix
+      if prepared is not None and semantic_config and semantic_config.get("has_c1"):
+        prepared[0].inference.first_vertebra = SPINEPS_FIRST_VERTEBRA_WITH_C1
       summary["semantic"] = nnunet.convert_folder(folder, tmp / "semantic", trust_pickle=trust_pickle,
                                                   **nnunet_kwargs)
       summary["semantic"]["output"] = str(output / "semantic")

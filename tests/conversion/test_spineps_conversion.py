@@ -47,6 +47,8 @@ def test_converted_instance_matches_spineps_unet3d(converted, conformance):
   assert tuple(config.data.cutout.cutout_size) == tuple(config.inference.cutout_size) == CUTOUT
   assert tuple(config.data.preprocess.spacing) == (0.8, 0.75, 1.7)
   assert (config.inference.min_body_voxels, config.inference.min_instance_voxels) == (90, 240)
+  # SPINEPS' settings: TPTBox's grid, and the top vertebra numbered 2 (C2) without a labelling model.
+  assert config.data.preprocess.grid == "spineps" and config.inference.first_vertebra == 2
   assert summary["num_parameters"] == sum(v.numel() for v in net.state_dict().values())
   assert json.loads((root / "ckpt" / "conversion.json").read_text())["dim"] == DIM
   classes = np.random.default_rng(0).integers(0, 10, size=(2, *CUTOUT))
