@@ -6,6 +6,8 @@ Where each step runs:
 2. That input-grid mask goes to the instance checkpoint's model space (`config.data.preprocess`:
    orientation, spacing and grid, nearest neighbour), exactly as the instance network's training volumes
    did, and `instance.segment_instances` runs there with `config.inference` (cutout size, thresholds).
+   Models converted from SPINEPS (both on its grid) start from phase 1's mask on its model grid
+   instead and come back through it, as SPINEPS' seg_run.py does.
 3. The instances come back to the input grid by nearest neighbour, and `instance.label_spine` runs
    again there, on the input grid reoriented to PIR (no resampling) with the input-grid semantic
    mask. The instance grid is usually coarser than the scan (a 1 mm endplate can vanish there, a
@@ -98,20 +100,27 @@ def _dedupe(messages) -> list[str]:
 
 
 def instances_in_input_space(semantic: np.ndarray, affine: np.ndarray, instance_model: Model, cfg=None, *,
-                             name="scan", predict_fn=None) -> tuple[np.ndarray, list[str]]:
+                             name="scan", predict_fn=None, semantic_space: spatial.ModelSpace | None = None,
+                             model_semantic: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
   """Phase 2 on an input-grid semantic mask: (instance mask with SPINEPS ids on the same grid (int16), messages).
 
   `cfg` is phase 2's settings (default `phase2_config(instance_model)`); `predict_fn` replaces the
-  model's network (progress counting, or a test's perfect network).
+  model's network (progress counting, or a test's perfect network). With phase 1's mask on its model
+  grid (`model_semantic`, in `semantic_space`), phase 2 starts from that instead, as SPINEPS does:
+  instances come back through the semantic model's grid to the input grid.
   """
   cfg = cfg if cfg is not None else phase2_config(instance_model)
   prep = instance_model.config.data.preprocess
-  model_mask, space = spatial.mask_to_model_space(semantic, affine, axcodes=tuple(prep.axcodes),
+  source, source_affine = ((semantic, affine) if model_semantic is None
+                           else (model_semantic, semantic_space.model_affine))
+  model_mask, space = spatial.mask_to_model_space(source, source_affine, axcodes=tuple(prep.axcodes),
                                                   spacing=tuple(prep.spacing), max_voxels=prep.max_voxels,
                                                   grid=spatial.grid_of(prep), name=name)
   model_instances, messages = phase2.segment_instances(model_mask, predict_fn or instance_model.fn, cfg,
                                                              spacing=space.model_spacing)
   coarse = spatial.from_model_space(model_instances, space, is_mask=True)
+  if model_semantic is not None:
+    coarse = spatial.from_model_space(coarse, semantic_space, is_mask=True)
   # Only the vertebrae travel: the sacrum, discs and endplates are remade from the input-grid semantic mask.
   coarse = np.where((coarse < phase2_common.DISC_OFFSET) & (coarse != phase2_common.SACRUM_ID), coarse, 0)
   sem_pir, _, reorientation = nifti.reorient(semantic, affine, spatial.PIR)
@@ -140,7 +149,13 @@ def segment_spine(image: np.ndarray, affine: np.ndarray, semantic_model: Model, 
                                    name=name, logits_fn=semantic_model.fn, progress=windows)
   predict = _counting(instance_model.fn, lambda d: progress("cutouts", d, None)) if progress else None
   cfg = phase2_config(instance_model, first_vertebra)
-  instances, messages = instances_in_input_space(sem.mask, affine, instance_model, cfg, name=name, predict_fn=predict)
+  # SPINEPS' models (both on its grid) run phase 2 on phase 1's model-resolution mask, as seg_run.py does.
+  at_model_resolution = all(spatial.grid_of(m.config.data.preprocess) == spatial.SPINEPS_GRID
+                            for m in (semantic_model, instance_model))
+  instances, messages = instances_in_input_space(
+      sem.mask, affine, instance_model, cfg, name=name, predict_fn=predict,
+      semantic_space=sem.volume.model_space if at_model_resolution else None,
+      model_semantic=sem.model_mask if at_model_resolution else None)
   if blank := semantic_lib.blank_image_message(image):
     messages = [blank, *messages]
   return {"semantic": sem.mask, "instance": instances, "centroids": phase2.centroids(instances, sem.mask, affine),

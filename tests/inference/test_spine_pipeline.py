@@ -146,6 +146,36 @@ def test_perfect_network_gives_the_phantom_back_on_the_input_grid(perfect_phase2
   assert len(discs) >= len(whole) - 1  # discs numbered on the input grid
 
 
+def test_spineps_models_run_phase2_from_the_semantic_model_grid():
+  """SPINEPS' route (models on its grid): phase 1's model-grid mask -> instance grid -> back through the
+  semantic model grid to the input grid; a perfect network still gives the phantom back."""
+  config = instance_config.get_config("smoke")
+  config.data.preprocess.grid = spatial.SPINEPS_GRID
+  volume = mri.make_volume(config.data.phantom, "test", 0)
+  semantic, affine, _ = nifti.reorient(volume["semantic"], volume["affine"], LPS)
+  reference, _, _ = nifti.reorient(volume["instance"], volume["affine"], LPS)
+  sem_mask, sem_space = spatial.mask_to_model_space(semantic, affine, axcodes=spatial.PIR, spacing=(1.5, 1.5, 3.3),
+                                                    grid=spatial.SPINEPS_GRID)
+  prep, cfg = config.data.preprocess, config.inference
+  model_semantic, space = spatial.mask_to_model_space(sem_mask, sem_space.model_affine, axcodes=tuple(prep.axcodes),
+                                                      spacing=tuple(prep.spacing), grid=spatial.SPINEPS_GRID)
+  centres, _ = body_centres.vertebral_body_centres(model_semantic, space.model_spacing, erosion=int(cfg.body_erosion),
+                                               min_voxels=cfg.min_body_voxels)
+  ref_model = spatial.mask_to_model_space(spatial.apply_model_space(reference, sem_space, is_mask=True),
+                                          sem_space.model_affine, axcodes=tuple(prep.axcodes),
+                                          spacing=tuple(prep.spacing), grid=spatial.SPINEPS_GRID)[0]
+  oracle = oracle_lib.oracle_predict_fn(model_semantic, ref_model, centres, tuple(cfg.cutout_size))
+  model = spine.Model(None, config, None, oracle, "oracle")
+  out, _ = spine.instances_in_input_space(semantic, affine, model, semantic_space=sem_space, model_semantic=sem_mask)
+  assert out.shape == semantic.shape and _instance_ids_ok(out)
+  table = inst_metrics.overlap_table(out, reference, (1, 99))
+  dice, pairs = table.dice(), dict((r, q) for q, r in inst_metrics.match_by_overlap(table) if q and r)
+  pred_index = {int(v): i for i, v in enumerate(table.pred_ids)}
+  ref_index = {int(v): i for i, v in enumerate(table.ref_ids)}
+  whole = [mri_anatomy.vertebra_id(level) for level in volume["full_levels"]]
+  assert all(dice[pred_index[pairs[r]], ref_index[r]] > 0.95 for r in whole)
+
+
 def test_outputs_written_all_or_none(perfect_phase2, tmp_path, monkeypatch):
   p = perfect_phase2
   result = {"semantic": p["semantic"].astype(np.uint8), "instance": p["out"], "messages": p["messages"],
