@@ -148,6 +148,236 @@ def load_model_folders(semantic: str, instance: str) -> dict[str, np.ndarray]:
   return out
 
 
+def postprocess_combined(labeling_offset: int = 1, **arrays: np.ndarray) -> dict[str, np.ndarray]:
+  """SPINEPS' joint post-processing of each case: phase_post.phase_postprocess_combined itself, with the flags
+  that seg_run.py passes it (no labelling model, labeling_offset = vertebra_instance_labeling_offset - 1, which
+  is 1 for MRI; missing-cc assignment on, its fast variant off; inconsistency and clean-by-semantic on; C1
+  disabled; sacrum and metal ids the model config's defaults). Cases come as NAME/semantic, NAME/instance and
+  NAME/affine (NAME/image optional), the masks as seg_run.py hands them over: uint8 semantic, uint16 instance.
+  One `import spineps` for all cases.
+
+  Returns NAME/semantic and NAME/instance, or where SPINEPS raised, the message under NAME/error."""
+  from spineps.phase_post import phase_postprocess_combined
+  from spineps.utils.seg_modelconfig import DEFAULT_METAL, DEFAULT_SACRUM_IDS
+  from TPTBox import NII
+
+  out = {}
+  for name in sorted({key.rpartition("/")[0] for key in arrays}):
+    affine = np.asarray(arrays[f"{name}/affine"], np.float64)
+    semantic = np.asarray(arrays[f"{name}/semantic"]).astype(np.uint8)
+    image = arrays.get(f"{name}/image", np.zeros(semantic.shape, np.float32))
+    try:
+      seg, vert = phase_postprocess_combined(
+          img_nii=NII.from_numpy(np.asarray(image, np.float32), affine, seg=False),
+          seg_nii=NII.from_numpy(semantic, affine, seg=True),
+          vert_nii=NII.from_numpy(np.asarray(arrays[f"{name}/instance"]).astype(np.uint16), affine, seg=True),
+          model_labeling=None, debug_data={}, proc_lab_force_no_tl_anomaly=False, labeling_offset=labeling_offset,
+          proc_clean_inst_by_sem=True, proc_assign_missing_cc=True, proc_assign_missing_cc_fast=False,
+          proc_vertebra_inconsistency=True, verbose=False, disable_c1=True, sacrum_ids=DEFAULT_SACRUM_IDS,
+          metal_ids=DEFAULT_METAL)
+      out[f"{name}/semantic"], out[f"{name}/instance"] = seg.get_seg_array(), vert.get_seg_array()
+    except Exception as error:  # noqa: BLE001 - reported per case (an empty mask, say)
+      out[f"{name}/error"] = np.asarray(f"{type(error).__name__}: {error}")
+  return out
+
+
+def _standin_classes(classes: np.ndarray) -> np.ndarray:
+  """The stand-in instance network of tests/inference/test_phase2_vs_spineps.py (its `standin_classes`, the same
+  numpy, kept in step by hand): in one cutout of input classes 0..9, the vertebral bodies are the 6-connected
+  pieces of class 9, ordered by the middle of their row span (ties: first voxel in C order); the piece with the
+  voxel nearest the cutout's centre voxel (ties: first in C order) is the centre vertebra (2), the pieces before
+  and after it are above (1) and below (3), and every vertebra voxel (classes 1..9) goes to the piece whose row
+  span's middle is nearest its row (ties: the upper). Integer arithmetic only, so both environments agree."""
+  from scipy import ndimage
+
+  classes = np.asarray(classes)
+  out = np.zeros(classes.shape, np.uint8)
+  body, count = ndimage.label(classes == 9, ndimage.generate_binary_structure(3, 1))
+  if count == 0:
+    return out
+  flat = body.ravel()
+  where = np.flatnonzero(flat)
+  ids = flat[where].astype(np.int64)
+  first = np.full(count + 1, flat.size, np.int64)
+  np.minimum.at(first, ids, where)
+  coords = np.stack(np.unravel_index(where, classes.shape), axis=1)
+  low = np.full(count + 1, classes.shape[1], np.int64)
+  high = np.full(count + 1, -1, np.int64)
+  np.minimum.at(low, ids, coords[:, 1])
+  np.maximum.at(high, ids, coords[:, 1])
+  middle2 = low + high  # twice the middle row
+  nearest = int(ids[np.argmin(((coords - np.array(classes.shape) // 2) ** 2).sum(axis=1))])
+  order = sorted(range(1, count + 1), key=lambda c: (int(middle2[c]), int(first[c])))
+  rank = order.index(nearest)
+  middles = np.array([middle2[c] for c in order], np.int64)
+  row_rank = np.argmin(np.abs(2 * np.arange(classes.shape[1])[:, None] - middles[None, :]), axis=1)
+  vertebra = classes > 0
+  for value, r in ((1, rank - 1), (2, rank), (3, rank + 1)):
+    if 0 <= r < count:
+      out[vertebra & (row_rank == r)[None, :, None]] = value
+  return out
+
+
+def phase2_instances(zooms: dict[str, list[float]], cutout_sizes: dict[str, list[int]],
+                     corpus_size_cleaning: float = 100, vert_size_threshold: float = 250, batch_size: int = 4,
+                     proc_detect_and_solve_merged_corpi: bool = True, **masks: np.ndarray) -> dict[str, np.ndarray]:
+  """SPINEPS' phase 2 up to the raw instance mask: phase_instance.predict_instance_mask itself on each P, I, R
+  mask of zooms[NAME] mm, with a SegmentationModelUnet3D whose network is `_standin_classes` (SPINEPS' own
+  one-hot input and argmax around it) and whose inference config has resolution_range zooms[NAME] (so nothing is
+  resampled), cutout_size cutout_sizes[NAME], the two thresholds and the default mapping. get_corpus_coms,
+  nii_calc_crop_around_centerpoint and NII.compute_crop are wrapped to record what they return. One `import
+  spineps` for all masks.
+
+  Returns per NAME: NAME/instances (absent where SPINEPS returns None), NAME/errcode, NAME/coms (n, 3: what
+  get_corpus_coms returned, bottom to top), NAME/centres (n, 3: each cutout's centre, after the step onto a
+  vertebra, as the cutout truncates it), NAME/boxes (n, 3, 2: each cutout's slices), all in the cropped volume's
+  voxels, and NAME/crop (3, 2); NAME/error where SPINEPS raised."""
+  import pathlib
+  import types
+
+  import torch
+  from spineps import phase_instance
+  from spineps.seg_model import SegmentationModelUnet3D
+  from spineps.seg_pipeline import NoOpDebugSink
+  from spineps.utils.seg_modelconfig import Segmentation_Inference_Config
+  from TPTBox import NII
+
+  def network(batch):  # (N, channels, P, I, R) one-hot -> (N, 4, P, I, R) scores
+    classes = np.stack([_standin_classes(c) for c in batch.argmax(1).cpu().numpy()]).astype(np.int64)
+    return torch.nn.functional.one_hot(torch.from_numpy(classes), 4).permute(0, 4, 1, 2, 3).float()
+
+  class StandInModel(SegmentationModelUnet3D):
+    def load(self, folds=None):  # noqa: ARG002
+      self.device = torch.device("cpu")
+      self.predictor = types.SimpleNamespace(network=types.SimpleNamespace(channels=10), forward=network)
+      return self
+
+  record: dict = {}
+  real = (phase_instance.get_corpus_coms, phase_instance.nii_calc_crop_around_centerpoint, NII.compute_crop)
+
+  def get_corpus_coms(*args, **kwargs):
+    record["coms"] = coms = real[0](*args, **kwargs)
+    return coms
+
+  def crop_around(poi, *args, **kwargs):
+    result = real[1](poi, *args, **kwargs)
+    record.setdefault("cuts", []).append(([int(p) for p in poi], [(s.start, s.stop) for s in result[1]]))
+    return result
+
+  def compute_crop(self, *args, **kwargs):
+    record["crop"] = crop = real[2](self, *args, **kwargs)
+    return crop
+
+  out = {}
+  phase_instance.get_corpus_coms, phase_instance.nii_calc_crop_around_centerpoint = get_corpus_coms, crop_around
+  NII.compute_crop = compute_crop
+  try:
+    for name, mask in masks.items():
+      record.clear()
+      p, i, r = (float(z) for z in zooms[name])
+      affine = np.array([[0, 0, r, 0], [-p, 0, 0, 0], [0, -i, 0, 0], [0, 0, 0, 1]], np.float64)  # P, I, R in RAS+
+      config = Segmentation_Inference_Config(
+          logger=None, log_name="StandIn", modality="SEG", acquisition="sag", modeltype="unet",
+          model_expected_orientation=("P", "I", "R"), available_folds=1, inference_augmentation=False,
+          resolution_range=[p, i, r], default_step_size=0.5, labels={1: 1, 2: 2, 3: 3}, expected_inputs=["seg"],
+          cutout_size=tuple(int(s) for s in cutout_sizes[name]), corpus_size_cleaning=corpus_size_cleaning,
+          vert_size_threshold=vert_size_threshold)
+      model = StandInModel(pathlib.Path(__file__).parent, config, use_cpu=True, default_allow_tqdm=False).load()
+      try:
+        vert, errcode = phase_instance.predict_instance_mask(
+            NII.from_numpy(np.asarray(mask), affine, seg=True), model, debug_data=NoOpDebugSink(),
+            proc_inst_batch_size=batch_size, proc_detect_and_solve_merged_corpi=proc_detect_and_solve_merged_corpi)
+      except Exception as error:  # noqa: BLE001 - reported per mask
+        out[f"{name}/error"] = np.asarray(f"{type(error).__name__}: {error}")
+        continue
+      out[f"{name}/errcode"] = np.asarray(str(errcode))
+      if vert is not None:
+        out[f"{name}/instances"] = vert.get_seg_array()
+      out[f"{name}/coms"] = np.asarray(record.get("coms") or np.zeros((0, 3)), np.float64).reshape(-1, 3)
+      cuts = record.get("cuts", [])
+      out[f"{name}/centres"] = np.asarray([c for c, _ in cuts], np.int64).reshape(-1, 3)
+      out[f"{name}/boxes"] = np.asarray([b for _, b in cuts], np.int64).reshape(-1, 3, 2)
+      if "crop" in record:
+        out[f"{name}/crop"] = np.asarray([(s.start, s.stop) for s in record["crop"]], np.int64)
+  finally:
+    phase_instance.get_corpus_coms, phase_instance.nii_calc_crop_around_centerpoint, NII.compute_crop = real
+  return out
+
+
+def split_fused_bodies(**bodies: np.ndarray) -> dict[str, np.ndarray]:
+  """SPINEPS' split of one fused body as get_corpus_coms does it (phase_instance.py:425-436): the body as
+  `corpus_cc.extract_label(id).get_array()` hands it over (id 1 of a P, I, R uint16 NII of 1 mm), then
+  get_separating_components(segvert, connectivity=3), get_plane_split(..., corpus_nii, ...) and split_by_plane.
+
+  Returns NAME (0; 1 above the plane, 2 below) and NAME/dtype (segvert's), or NAME/error: the exception
+  that get_corpus_coms catches (it then keeps the body whole)."""
+  from spineps.phase_instance import get_plane_split, get_separating_components, split_by_plane
+  from TPTBox import NII
+
+  affine = np.array([[0, 0, 1, 0], [-1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 0, 1]], np.float64)  # P, I, R in RAS+
+  out = {}
+  for name, body in bodies.items():
+    corpus = NII.from_numpy((np.asarray(body) != 0).astype(np.uint16), affine, seg=True)
+    segvert = corpus.extract_label(1, inplace=False).get_array()
+    out[f"{name}/dtype"] = np.asarray(str(segvert.dtype))
+    try:
+      spart, tpart, spart_dil, tpart_dil, _ = get_separating_components(segvert, connectivity=3)
+      plane = get_plane_split(segvert, corpus, spart, tpart, spart_dil, tpart_dil)
+      out[name] = np.asarray(split_by_plane(segvert, plane)).astype(np.uint8)
+    except Exception as error:  # noqa: BLE001 - get_corpus_coms catches every exception here
+      out[f"{name}/error"] = np.asarray(f"{type(error).__name__}: {error}")
+  return out
+
+
+def n4_bias(image: np.ndarray, affine: np.ndarray) -> dict[str, np.ndarray]:
+  """SPINEPS' own N4 (utils/proc_functions.py `n4_bias` with its defaults: threshold 60, spline_param 100,
+  through TPTBox's `NII.n4_bias_field_correction` and ANTsPy), as phase_pre.py:117 calls it on the crop.
+
+  Returns corrected (in the image's dtype, as TPTBox casts it back) and mask (the threshold box)."""
+  from spineps.utils.proc_functions import n4_bias as spineps_n4_bias
+  from TPTBox import NII
+  corrected, mask = spineps_n4_bias(NII.from_numpy(np.asarray(image), np.asarray(affine, np.float64)))
+  return {"corrected": corrected.get_array(), "mask": mask.get_array()}
+
+
+def network_input(image: np.ndarray, affine: np.ndarray, voxel_spacing: list[float], n4: bool = False,
+                  axcodes: list[str] = ("P", "I", "R")) -> dict[str, np.ndarray]:
+  """The array SPINEPS' semantic nnU-Net receives, made by SPINEPS' and TPTBox's own steps:
+  phase_pre.py `preprocess_input` (pad 4, normalise, crop, N4 when `n4`, normalise, uncrop; seg_run.py:575),
+  seg_model.py:218-221 `reorient_` and `rescale_` (voxel_spacing standing in for the model's recommended
+  zoom), inference_api.py:333-341 `run_inference`'s float16 array (axes reversed) and spacing, and
+  nnU-Net's `DefaultPreprocessor.run_case_npy` (default_preprocessor.py) on plans that, like SPINEPS'
+  models, z-score one channel without a mask, with transpose_forward [0, 1, 2] and the spacing the image
+  already has (so its resampling is a no-op).
+
+  Returns data ((1, X, Y, Z) float16 in nnU-Net's axis order), bbox ((3, 2) the non-zero crop on that
+  order), padded/padded_affine (preprocess_input's output) and model/model_affine (the rescaled grid)."""
+  from spineps.phase_pre import preprocess_input
+  from TPTBox import NII
+  from TPTBox.segmentation.nnUnet_utils.default_preprocessor import DefaultPreprocessor
+  from TPTBox.segmentation.nnUnet_utils.plans_handler import PlansManager
+  nii, _ = preprocess_input(NII.from_numpy(np.asarray(image), np.asarray(affine, np.float64)), debug_data={},
+                            proc_do_n4_bias_correction=n4)
+  out = {"padded": nii.get_array(), "padded_affine": np.asarray(nii.affine)}
+  nii.reorient_(tuple(axcodes), verbose=False)
+  nii.rescale_(tuple(voxel_spacing), verbose=False)
+  out.update(model=nii.get_array(), model_affine=np.asarray(nii.affine))
+  a = nii.get_array().astype(np.float16)
+  img = np.transpose(a, axes=a.ndim - 1 - np.arange(a.ndim))[np.newaxis, :]
+  props = {"spacing": nii.zoom[::-1]}
+  resampling = {"resampling_fn_data": "resample_data_or_seg_to_shape",
+                "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+                "resampling_fn_seg": "resample_data_or_seg_to_shape",
+                "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None}}
+  plans = PlansManager({"transpose_forward": [0, 1, 2], "foreground_intensity_properties_per_channel": {"0": {}},
+                        "configurations": {"3d_fullres": {"spacing": [float(s) for s in props["spacing"]],
+                                                          "normalization_schemes": ["ZScoreNormalization"],
+                                                          "use_mask_for_norm": [False], **resampling}}})
+  data, _ = DefaultPreprocessor(verbose=False).run_case_npy(img, None, props, plans, plans.get_configuration("3d_fullres"),
+                                                            {})
+  return {**out, "data": data, "bbox": np.asarray(props["bbox_used_for_cropping"])}
+
+
 # --- The harness. ---------------------------------------------------------------------------------------------
 
 

@@ -149,6 +149,8 @@ def instance_config(arch: Mapping[str, Any], config: Mapping[str, Any], folder, 
   # Without a labelling model SPINEPS numbers the top vertebra 2 (C2: its MRI models have no C1), or 1 when
   # the semantic model says has_c1 (seg_run.py vertebra_instance_labeling_offset; convert_pair reads it).
   c.inference.first_vertebra = SPINEPS_FIRST_VERTEBRA
+  c.inference.postprocess_mode = phase2_common.SPINEPS_MODE  # SPINEPS' joint clean-up (phase2/joint_postprocess.py)
+  c.inference.phase2_mode = phase2_common.SPINEPS_MODE  # SPINEPS' own centres and merge (phase2/spineps_instances.py)
   codes = orientation(config, folder)
   if codes is not None and codes != tuple(spatial.PIR):
     raise ConversionError(f"{source}: model_expected_orientation {''.join(codes)}: phase 2 here cuts out of "

@@ -15,6 +15,9 @@ SUPERIOR_ARTICULAR_LEFT, SUPERIOR_ARTICULAR_RIGHT = 45, 46
 INFERIOR_ARTICULAR_LEFT, INFERIOR_ARTICULAR_RIGHT = 47, 48
 CORPUS = 49
 CORD, CANAL, ENDPLATE, DISC = 60, 61, 62, 100
+# An endplate as its vertebra's upper or lower plate (TPTBox's Location 52, 53). No network here predicts
+# them; SPINEPS' post-processing splits ENDPLATE into them (the instance 'spineps' post-processing mode).
+ENDPLATE_SUPERIOR, ENDPLATE_INFERIOR = 52, 53
 ARTICULAR = (SUPERIOR_ARTICULAR_LEFT, SUPERIOR_ARTICULAR_RIGHT, INFERIOR_ARTICULAR_LEFT, INFERIOR_ARTICULAR_RIGHT)
 # The structures a vertebra's instance covers (its posterior elements and its body).
 VERTEBRA_PARTS = (ARCUS, SPINOUS, COSTAL_LEFT, COSTAL_RIGHT, *ARTICULAR, CORPUS)
@@ -37,8 +40,12 @@ LEFT_RIGHT_PAIRS = ((COSTAL_LEFT, COSTAL_RIGHT), (SUPERIOR_ARTICULAR_LEFT, SUPER
                     (INFERIOR_ARTICULAR_LEFT, INFERIOR_ARTICULAR_RIGHT))
 NUM_CLASSES = len(SEMANTIC_IDS)
 
+# Names of the split endplates, which masks on disk may hold (SPINEPS writes them) but no network predicts.
+SPLIT_ENDPLATE_NAMES = {ENDPLATE_SUPERIOR: "endplate_superior", ENDPLATE_INFERIOR: "endplate_inferior"}
+
 _ID_TO_INDEX = np.full(256, -1, np.int16)
 _ID_TO_INDEX[list(SEMANTIC_IDS)] = np.arange(NUM_CLASSES)
+_ID_TO_INDEX[list(SPLIT_ENDPLATE_NAMES)] = SEMANTIC_IDS.index(ENDPLATE)  # a split endplate is an endplate
 
 
 class LabelError(ValueError):
@@ -75,4 +82,5 @@ def left_right_swap() -> np.ndarray:
 
 
 def structure_name(label: int) -> str:
-  return STRUCTURE_NAMES.get(int(label), f"label_{int(label)}")
+  label = int(label)
+  return STRUCTURE_NAMES.get(label, SPLIT_ENDPLATE_NAMES.get(label, f"label_{label}"))

@@ -16,7 +16,8 @@ Where each step runs:
    Numbering is positional in both runs, so the ids agree unless an instance vanishes. With a
    perfect network on a phantom (tests/inference/test_spine_pipeline.py), nearest neighbour alone
    gives vertebra Dice 0.80-0.89 against the reference on the input grid; relabelled there, 0.96-1.0.
-The semantic mask is written as phase 1 made it; phase 2 only reads it.
+The semantic mask is written as phase 1 made it; phase 2 only reads it, except in the instance config's
+'spineps' post-processing mode, which cleans both masks together as SPINEPS does (`joint_postprocess`).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from spine_jax.inference import batch
 from spine_jax.inference import restore
 from spine_jax.inference import semantic as semantic_lib
 from spine_jax.inference.phase2 import common as phase2_common
+from spine_jax.inference.phase2 import joint_postprocess
 from spine_jax.inference.phase2 import labelling
 from spine_jax.inference.phase2 import pipeline as phase2
 from spine_jax.reports import pictures
@@ -101,35 +103,48 @@ def _dedupe(messages) -> list[str]:
 
 def instances_in_input_space(semantic: np.ndarray, affine: np.ndarray, instance_model: Model, cfg=None, *,
                              name="scan", predict_fn=None, semantic_space: spatial.ModelSpace | None = None,
-                             model_semantic: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
-  """Phase 2 on an input-grid semantic mask: (instance mask with SPINEPS ids on the same grid (int16), messages).
+                             model_semantic: np.ndarray | None = None, return_semantic: bool = False) -> tuple:
+  """Phase 2 on an input-grid semantic mask: (instance mask with SPINEPS ids on the same grid (int16), messages),
+  or with `return_semantic` (instances, semantic mask as post-processed (uint8), messages).
 
   `cfg` is phase 2's settings (default `phase2_config(instance_model)`); `predict_fn` replaces the
   model's network (progress counting, or a test's perfect network). With phase 1's mask on its model
   grid (`model_semantic`, in `semantic_space`), phase 2 starts from that instead, as SPINEPS does:
-  instances come back through the semantic model's grid to the input grid.
+  instances come back through the semantic model's grid to the input grid. `cfg.postprocess_mode`
+  'spineps' hands the raw instances (`phase2.instance_mask`, as SPINEPS' instance phase) to SPINEPS'
+  joint post-processing (`joint_postprocess`), which also rewrites the semantic mask; 'spine_jax'
+  relabels the model-space result with `label_spine` and leaves the semantic mask as it came.
   """
   cfg = cfg if cfg is not None else phase2_config(instance_model)
+  mode = cfg.get("postprocess_mode", phase2_common.SPINE_JAX_MODE)
+  if mode not in phase2_common.PHASE2_MODES:
+    raise ValueError(f"inference.postprocess_mode {mode!r}: expected one of {phase2_common.PHASE2_MODES}")
+  spineps_mode = mode == phase2_common.SPINEPS_MODE
   prep = instance_model.config.data.preprocess
   source, source_affine = ((semantic, affine) if model_semantic is None
                            else (model_semantic, semantic_space.model_affine))
   model_mask, space = spatial.mask_to_model_space(source, source_affine, axcodes=tuple(prep.axcodes),
                                                   spacing=tuple(prep.spacing), max_voxels=prep.max_voxels,
                                                   grid=spatial.grid_of(prep), name=name)
-  model_instances, messages = phase2.segment_instances(model_mask, predict_fn or instance_model.fn, cfg,
-                                                             spacing=space.model_spacing)
+  run = phase2.instance_mask if spineps_mode else phase2.segment_instances
+  model_instances, messages = run(model_mask, predict_fn or instance_model.fn, cfg, spacing=space.model_spacing)
   coarse = spatial.from_model_space(model_instances, space, is_mask=True)
   if model_semantic is not None:
     coarse = spatial.from_model_space(coarse, semantic_space, is_mask=True)
-  # Only the vertebrae travel: the sacrum, discs and endplates are remade from the input-grid semantic mask.
-  coarse = np.where((coarse < phase2_common.DISC_OFFSET) & (coarse != phase2_common.SACRUM_ID), coarse, 0)
-  sem_pir, _, reorientation = nifti.reorient(semantic, affine, spatial.PIR)
-  coarse_pir, _, _ = nifti.reorient(coarse, affine, spatial.PIR)
-  labelled, more = labelling.label_spine(
-      coarse_pir, sem_pir, first_vertebra=cfg.first_vertebra, endplate_owner=cfg.endplate_owner,
-      reassign_articular=bool(cfg.reassign_articular), assign_missing=bool(cfg.assign_missing))
-  more = [f"on the input grid: {m}" for m in more]
-  return nifti.undo_reorientation(labelled, reorientation).astype(np.int16), _dedupe(messages + more)
+  if spineps_mode:  # seg_run.py:656-693: both masks resampled to the input grid, then cleaned together there
+    semantic, out, more = joint_postprocess.postprocess_combined(semantic, coarse, affine,
+                                                                 first_vertebra=cfg.first_vertebra)
+  else:
+    # Only the vertebrae travel: the sacrum, discs and endplates are remade from the input-grid semantic mask.
+    coarse = np.where((coarse < phase2_common.DISC_OFFSET) & (coarse != phase2_common.SACRUM_ID), coarse, 0)
+    sem_pir, _, reorientation = nifti.reorient(semantic, affine, spatial.PIR)
+    coarse_pir, _, _ = nifti.reorient(coarse, affine, spatial.PIR)
+    labelled, more = labelling.label_spine(
+        coarse_pir, sem_pir, first_vertebra=cfg.first_vertebra, endplate_owner=cfg.endplate_owner,
+        reassign_articular=bool(cfg.reassign_articular), assign_missing=bool(cfg.assign_missing))
+    out = nifti.undo_reorientation(labelled, reorientation).astype(np.int16)
+  messages = _dedupe(messages + [f"on the input grid: {m}" for m in more])
+  return (out, semantic, messages) if return_semantic else (out, messages)
 
 
 def segment_spine(image: np.ndarray, affine: np.ndarray, semantic_model: Model, instance_model: Model, *,
@@ -152,13 +167,13 @@ def segment_spine(image: np.ndarray, affine: np.ndarray, semantic_model: Model, 
   # SPINEPS' models (both on its grid) run phase 2 on phase 1's model-resolution mask, as seg_run.py does.
   at_model_resolution = all(spatial.grid_of(m.config.data.preprocess) == spatial.SPINEPS_GRID
                             for m in (semantic_model, instance_model))
-  instances, messages = instances_in_input_space(
+  instances, semantic, messages = instances_in_input_space(
       sem.mask, affine, instance_model, cfg, name=name, predict_fn=predict,
       semantic_space=sem.volume.model_space if at_model_resolution else None,
-      model_semantic=sem.model_mask if at_model_resolution else None)
+      model_semantic=sem.model_mask if at_model_resolution else None, return_semantic=True)
   if blank := semantic_lib.blank_image_message(image):
     messages = [blank, *messages]
-  return {"semantic": sem.mask, "instance": instances, "centroids": phase2.centroids(instances, sem.mask, affine),
+  return {"semantic": semantic, "instance": instances, "centroids": phase2.centroids(instances, semantic, affine),
           "messages": messages}
 
 

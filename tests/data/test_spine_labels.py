@@ -23,3 +23,11 @@ def test_left_right_swap_exchanges_the_pairs_only():
   assert dict(zip(ids, swapped))[43] == 44 and dict(zip(ids, swapped))[48] == 47
   assert dict(zip(ids, swapped))[49] == 49
   np.testing.assert_array_equal(lut[lut], np.arange(15))
+
+
+def test_split_endplates_are_endplates_with_names_of_their_own():
+  """SPINEPS' outputs split endplates into 52 (superior) and 53 (inferior): valid on disk, endplate for a network."""
+  ids = np.array([52, 53, 62, 0])
+  spine_labels.check_ids(ids)
+  assert spine_labels.ids_to_indices(ids).tolist() == [spine_labels.SEMANTIC_IDS.index(62)] * 3 + [0]
+  assert [spine_labels.structure_name(i) for i in (52, 53)] == ["endplate_superior", "endplate_inferior"]

@@ -23,9 +23,13 @@ thresholds are voxel counts at the reference spacing (0.75 x 0.75 x 1.65 mm), sc
 actual spacing; erosions are in voxels. Functions that can meet a degenerate spine return
 `(result, messages)`: each message is also logged as a warning, so callers can show and store them.
 
-Where this differs from the public SPINEPS code: a fused body is cut by nearest seed after
-erosion rather than by a fitted plane; body pieces at one height are merged into one centre
-(SPINEPS only drops them from its alternation check); uncovered vertebra voxels are grouped
-over all vertebra labels at once, not label by label; and there is no labelling network, so
-numbering is positional (`labelling.label_spine`). Shared settings and helpers are `common.py`.
+Two modes (`inference.phase2_mode`). 'spineps', the mode of models converted from SPINEPS, follows
+SPINEPS 2.1.3 rule for rule (`spineps_centres.py`, `spineps_instances.py`; equal to SPINEPS' own
+`predict_instance_mask` with the same network, tests/inference/test_phase2_vs_spineps.py), except
+that an empty couple is skipped instead of ending the whole run (`abort_on_empty_couple` restores
+that). 'spine_jax', the mode of models trained here, differs: a fused body is cut by nearest seed
+after erosion rather than by a fitted plane; body pieces at one height are merged into one centre;
+uncovered vertebra voxels are grouped over all vertebra labels at once, not label by label; and
+there is no labelling network, so numbering is positional (`labelling.label_spine`). Shared
+settings and helpers are `common.py`.
 """

@@ -13,6 +13,7 @@ from scipy import ndimage
 from spine_jax.data import instance_cutouts
 from spine_jax.data import spatial
 from spine_jax.data import spine_labels
+from spine_jax.inference.semantic_postprocess import SPINE_JAX_MODE, SPINEPS_MODE
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ LAST_LUMBAR_ID = 25  # L6: the last id of a numbering from C1
 INFERIOR_AXIS = 1
 REFERENCE_SPACING = spatial.REFERENCE_SPACING
 ENDPLATE_OWNERS = ('above', 'vertebra')
+
+PHASE2_MODES = (SPINE_JAX_MODE, SPINEPS_MODE)  # the same two names as the semantic clean-up's modes
 
 FACES = ndimage.generate_binary_structure(3, 1)
 EDGES = ndimage.generate_binary_structure(3, 2)
@@ -58,11 +61,21 @@ def default_instance_config() -> ml_collections.ConfigDict:
   cfg.max_taken = 0.6  # a couple whose voxels are already labelled beyond this is skipped
   cfg.min_instance_voxels = 250  # smaller 6-connected pieces of an instance are deleted
   cfg.fill_holes = True
+  # Whose rules find the centres and merge the cutouts: 'spine_jax' (the settings above) or 'spineps',
+  # SPINEPS 2.1.3's own (spineps_instances.py), where min_body_voxels and min_instance_voxels act as its
+  # corpus_size_cleaning and vert_size_threshold and cutout_size, batch_size, detect_merged_bodies and
+  # fill_holes apply; the other settings above are 'spine_jax' only.
+  cfg.phase2_mode = SPINE_JAX_MODE
+  cfg.abort_on_empty_couple = False  # 'spineps': True drops every instance on an empty couple, as SPINEPS does
   # Labelling (see `label_spine`).
   cfg.first_vertebra = 1
   cfg.endplate_owner = 'above'
   cfg.reassign_articular = True
   cfg.assign_missing = True
+  # Whose joint post-processing of instances and semantics runs on the input grid: 'spine_jax'
+  # (`label_spine` with the three settings above) or 'spineps', SPINEPS 2.1.3's own
+  # (joint_postprocess.py: it also rewrites the semantic mask); first_vertebra applies to both.
+  cfg.postprocess_mode = SPINE_JAX_MODE
   return cfg
 
 

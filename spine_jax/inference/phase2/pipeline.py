@@ -1,5 +1,5 @@
-"""Phase 2 as one call (`segment_instances`: centres, cutouts, consolidation, labelling) and its
-summary for `*_seg-spine_ctd.json` (`centroids`).
+"""Phase 2 as one call (`segment_instances`: centres, cutouts, consolidation, labelling; `instance_mask`: the
+raw instances in either mode) and its summary for `*_seg-spine_ctd.json` (`centroids`).
 """
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import numpy as np
 
 from spine_jax.data import levels as levels_lib
 from spine_jax.data import spine_labels
-from spine_jax.inference.phase2.common import (DISC_OFFSET, ENDPLATE_OFFSET, REFERENCE_SPACING, centres_of_mass,
-                                               check_mask, default_instance_config, note, scaled_voxel_count)
+from spine_jax.inference.phase2 import spineps_instances
+from spine_jax.inference.phase2.common import (DISC_OFFSET, ENDPLATE_OFFSET, PHASE2_MODES, REFERENCE_SPACING,
+                                               SPINE_JAX_MODE, SPINEPS_MODE, centres_of_mass, check_mask,
+                                               default_instance_config, note, scaled_voxel_count)
 from spine_jax.inference.phase2.centres import vertebral_body_centres
 from spine_jax.inference.phase2.consolidation import consolidate
 from spine_jax.inference.phase2.cutouts import CutoutMask, predict_cutouts
@@ -24,11 +26,31 @@ def segment_instances(semantic: np.ndarray, predict_fn: Callable, cfg: ml_collec
 
   `predict_fn` is the instance network as `predict_cutouts` calls it; `cfg` as
   `default_instance_config` (its voxel thresholds are at the reference spacing and scaled to
-  `spacing`, the mask's own). With no vertebral body the result has no vertebra (only the sacrum,
-  if any) and a message says why.
+  `spacing`, the mask's own; `phase2_mode` picks whose rules make the raw instances, `instance_mask`).
+  With no vertebral body the result has no vertebra (only the sacrum, if any) and a message says why.
   """
   cfg = cfg if cfg is not None else default_instance_config()
   semantic = check_mask(semantic, 'semantic mask')
+  instances, messages = instance_mask(semantic, predict_fn, cfg, spacing=spacing)
+  out, more = label_spine(instances, semantic, first_vertebra=cfg.first_vertebra, endplate_owner=cfg.endplate_owner,
+                          reassign_articular=bool(cfg.reassign_articular), assign_missing=bool(cfg.assign_missing))
+  return out, messages + more
+
+
+def instance_mask(semantic: np.ndarray, predict_fn: Callable, cfg: ml_collections.ConfigDict, *,
+                  spacing=REFERENCE_SPACING) -> tuple[np.ndarray, list[str]]:
+  """The raw instance mask before labelling (int32, 1..n in merge order) and messages, by `cfg.phase2_mode`:
+  'spine_jax' (centres, cutouts, consolidation here) or 'spineps' (`spineps_instances.instance_mask`)."""
+  mode = cfg.get('phase2_mode', SPINE_JAX_MODE)
+  if mode == SPINEPS_MODE:
+    found = spineps_instances.instance_mask(
+        semantic, predict_fn, spacing, cutout_size=tuple(cfg.cutout_size), batch_size=int(cfg.batch_size),
+        min_body_voxels=cfg.min_body_voxels, min_instance_voxels=cfg.min_instance_voxels,
+        detect_merged=bool(cfg.detect_merged_bodies), fill_holes=bool(cfg.fill_holes),
+        abort_on_empty_couple=bool(cfg.get('abort_on_empty_couple', False)))
+    return found.instances, found.messages
+  if mode != SPINE_JAX_MODE:
+    raise ValueError(f'inference.phase2_mode {mode!r}: expected one of {PHASE2_MODES}')
   centres, messages = vertebral_body_centres(
       semantic, spacing, erosion=int(cfg.body_erosion), min_voxels=cfg.min_body_voxels,
       detect_merged=bool(cfg.detect_merged_bodies), duplicate_distance=cfg.duplicate_distance,
@@ -45,9 +67,7 @@ def segment_instances(semantic: np.ndarray, predict_fn: Callable, cfg: ml_collec
         vote_agreement=cfg.vote_agreement, max_taken=cfg.max_taken,
         min_instance_voxels=scaled_voxel_count(cfg.min_instance_voxels, spacing), fill_holes=bool(cfg.fill_holes))
     messages += more
-  out, more = label_spine(instances, semantic, first_vertebra=cfg.first_vertebra, endplate_owner=cfg.endplate_owner,
-                          reassign_articular=bool(cfg.reassign_articular), assign_missing=bool(cfg.assign_missing))
-  return out, messages + more
+  return instances, messages
 
 
 def _covers(mask: CutoutMask, point) -> bool:
