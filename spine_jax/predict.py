@@ -35,6 +35,7 @@ from absl import flags
 from absl import logging
 
 from spine_jax import cli
+from spine_jax.data import bias_field
 from spine_jax.engine import checkpoints
 from spine_jax.inference import batch
 
@@ -69,16 +70,22 @@ _STEP_SIZE = flags.DEFINE_float(
     "step_size", None, "semantic, spine: sliding-window step as a fraction of the patch (default: the "
     "checkpoint's config.inference.step_size, 0.5); larger is faster and coarser.")
 flags.register_validator("step_size", lambda v: v is None or 0.0 < v <= 1.0, "--step_size must be in (0, 1]")
+_NO_N4 = flags.DEFINE_bool(
+    "no_n4", False, "semantic, spine: skip the N4 bias-field correction of models that ask for it "
+    "(config.data.preprocess.bias_field='n4', SPINEPS' models), as spineps --no-n4.")
 
 COMMANDS = ("bone_quality", "semantic", "spine")
 
 
-def inference_overrides(config, disable_tta: bool = False, step_size: float | None = None) -> None:
-  """--disable_tta and --step_size on a semantic checkpoint's config.inference."""
+def inference_overrides(config, disable_tta: bool = False, step_size: float | None = None,
+                        no_n4: bool = False) -> None:
+  """--disable_tta, --step_size and --no_n4 on a semantic checkpoint's config."""
   if step_size is not None:
     config.inference.step_size = float(step_size)
   if disable_tta:
     config.inference.mirror_axes = ()
+  if no_n4:
+    config.data.preprocess.bias_field = bias_field.NONE
 
 
 def _read_pairs(path: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
@@ -227,7 +234,7 @@ def run_semantic() -> int:
   todo, failures, skipped = _triage(jobs, outputs, mask_of)
   if todo:
     state, config, mesh = restore.load_for_inference(_CHECKPOINT.value, "semantic")
-    inference_overrides(config, _DISABLE_TTA.value, _STEP_SIZE.value)
+    inference_overrides(config, _DISABLE_TTA.value, _STEP_SIZE.value, _NO_N4.value)
     logits_fn = predict_lib.semantic_logits_fn(state, mesh)
   progress = _Progress(len(todo))
   segmented = 0
@@ -302,7 +309,7 @@ def run_spine() -> int:
   todo, failures, skipped = _triage(jobs, lambda job: paths_of[job].values(), lambda job: paths_of[job]["semantic"])
   models = spine.load_spine_models(_SEMANTIC_CHECKPOINT.value, _INSTANCE_CHECKPOINT.value) if todo else None
   if models:
-    inference_overrides(models[0].config, _DISABLE_TTA.value, _STEP_SIZE.value)
+    inference_overrides(models[0].config, _DISABLE_TTA.value, _STEP_SIZE.value, _NO_N4.value)
   py_logging.getLogger(spine.PHASE2_LOGGER).setLevel(py_logging.ERROR)  # its warnings are printed per scan below
   progress = _Progress(len(todo))
   digests = dict(todo)

@@ -26,5 +26,5 @@ def test_ci_runs_the_readme_test_command_verbatim():
         if line.strip() and not line.lstrip().startswith("#")]
   assert test in ci, f".ci/run does not run the README's test command {test!r}"
   installs = [line for line in ci if "pip install -e" in line]
-  assert installs and re.search(r'-e "\.\[test(,[a-z]+)*\]"', installs[0]), installs
+  assert installs and re.search(r'-e "\.\[test(,[a-z0-9]+)*\]"', installs[0]), installs
   assert ci.index(installs[0]) < ci.index(test)

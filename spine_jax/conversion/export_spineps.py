@@ -35,6 +35,7 @@ from spine_jax.conversion import nnunet_plans
 from spine_jax.conversion.errors import ConversionError, refuse_existing
 from spine_jax.conversion.spineps_folder import INFERENCE_CONFIG, LOCATION_IDS
 from spine_jax.data import nifti
+from spine_jax.data import spatial
 from spine_jax.data import spine_labels
 from spine_jax.inference import restore
 from spine_jax.inference.phase2 import common as phase2_common
@@ -209,15 +210,23 @@ def check_instance_model(model_cfg) -> None:
     raise ConversionError(f"instance model {wrong}: SPINEPS' PLNet builds only {wanted} (with any dim)")
 
 
+def spineps_voxel_count(config, count: int) -> int:
+  """A phase-2 voxel threshold as SPINEPS reads it: voxels at the model's own spacing. Ours count at the
+  reference spacing unless the model already runs SPINEPS' phase 2 (a converted SPINEPS model)."""
+  if config.inference.get("phase2_mode", phase2_common.SPINE_JAX_MODE) == phase2_common.SPINEPS_MODE:
+    return int(count)
+  return max(1, int(round(count * np.prod(spatial.REFERENCE_SPACING) / np.prod(config.data.preprocess.spacing))))
+
+
 def instance_inference_config(config) -> dict[str, Any]:
-  """SPINEPS' instance inference_config.json; voxel thresholds back at SPINEPS' per-spacing counts."""
+  """SPINEPS' instance inference_config.json; voxel thresholds at SPINEPS' per-spacing counts."""
   return {"log_name": "spine_jax_instance", "modality": "SEG", "acquisition": "sag", "modeltype": "unet",
           "model_expected_orientation": list(config.data.preprocess.axcodes), "available_folds": 1,
           "inference_augmentation": False, "resolution_range": [float(s) for s in config.data.preprocess.spacing],
           "default_step_size": 0.5, "labels": {"1": 1, "2": 2, "3": 3},
           "cutout_size": [int(n) for n in config.data.cutout.cutout_size],
-          "corpus_size_cleaning": int(config.inference.min_body_voxels),
-          "vert_size_threshold": int(config.inference.min_instance_voxels)}
+          "corpus_size_cleaning": spineps_voxel_count(config, config.inference.min_body_voxels),
+          "vert_size_threshold": spineps_voxel_count(config, config.inference.min_instance_voxels)}
 
 
 def write_instance_folder(folder: pathlib.Path, config, params: Mapping[str, Any]) -> None:

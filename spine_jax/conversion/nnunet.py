@@ -44,7 +44,9 @@ from spine_jax.conversion import nnunet_plans
 from spine_jax.conversion import spineps_folder
 from spine_jax.conversion import torch_files
 from spine_jax.conversion.errors import ConversionError, refuse_existing
+from spine_jax.data import bias_field
 from spine_jax.data import spatial
+from spine_jax.data import spineps_preprocess
 from spine_jax.data import spine_labels
 from spine_jax.engine import bundle
 from spine_jax.inference import semantic_postprocess
@@ -167,6 +169,8 @@ def semantic_config(plan: nnunet_plans.Plan, axcodes: Sequence[str], step_size: 
   c.data.preprocess = ml_collections.ConfigDict(dict(
       axcodes=tuple(axcodes), spacing=nnunet_plans.permute(plan.spacing, order), image_order=3,
       max_intensity=spatial.SPINEPS_MAX_INTENSITY, max_voxels=spatial.DEFAULT_MAX_VOXELS, grid=grid))
+  if grid == spatial.SPINEPS_GRID:  # SPINEPS' preprocessing: N4, its framing and nnU-Net's z-score
+    c.data.preprocess.update(normalisation=spineps_preprocess.SPINEPS, bias_field=bias_field.N4)
   c.data.patch = ml_collections.ConfigDict(dict(patch_size=nnunet_plans.permute(plan.patch_size, order)))
   # nnU-Net mirrors without exchanging left and right structures.
   c.inference = ml_collections.ConfigDict(dict(step_size=float(step_size), batch_size=2, mirror_axes=tuple(mirror),

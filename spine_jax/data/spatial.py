@@ -24,6 +24,10 @@ the voxel-to-voxel matrix inv(A_from) @ A_to with spline order 3 (images) or 0 (
 mode 'nearest', as TPTBox calls scipy (align_corners=False, the default of both NII methods);
 masks return to the input grid by that matrix straight from the model grid. When every axis
 is already within 0.001 mm of the target, TPTBox leaves the grid alone, and so does this.
+
+SPINEPS pads its input grid by 4 voxels of zeros before all this (`input_pad`, with
+`data/spineps_preprocess.py`) and keeps the image's own dtype through the rescale (`keep_dtype`);
+a model space remembers the padding, so arrays still come back onto the unpadded input grid.
 """
 from __future__ import annotations
 
@@ -66,6 +70,7 @@ class ModelSpace:
   target_spacing: tuple  # mm requested
   target_shape: tuple  # model-space shape
   grid: str = DEFAULT_GRID  # resampling convention, one of GRIDS
+  input_pad: int = 0  # zero voxels added on every side of the input grid first (reoriented_* include them)
 
   @property
   def input_shape(self) -> tuple:
@@ -179,61 +184,62 @@ def spineps_model_affine(affine: np.ndarray, spacing) -> np.ndarray:
 
 
 def resample_affine(array: np.ndarray, from_affine: np.ndarray, to_affine: np.ndarray, out_shape, *,
-                    order: int) -> np.ndarray:
+                    order: int, dtype=None) -> np.ndarray:
   """TPTBox's `_resample_from_to` (align_corners=False, mode 'nearest'): output voxel v samples input
   voxel inv(from_affine) @ to_affine @ v, the same matrix computed the same way, so the numbers match.
 
-  order 0 keeps the dtype (masks), order >= 1 gives float32; trailing axes (channels) follow along.
+  order 0 keeps the dtype (masks), order >= 1 gives float32, or `dtype` from the array as it is (TPTBox
+  writes into the image's own dtype: scipy rounds integers half away from zero); trailing axes follow along.
   """
   array = np.asarray(array)
   voxel_map = np.linalg.inv(np.asarray(from_affine, np.float64)).dot(np.asarray(to_affine, np.float64))
   matrix, offset = voxel_map[:3, :3], voxel_map[:3, 3]
   out_shape = tuple(int(n) for n in out_shape)
   flat = array.reshape(array.shape[:3] + (-1,))
-  if order >= 1:
+  if order >= 1 and dtype is None:
     flat = flat.astype(np.float32, copy=False)
-  out = np.empty(out_shape + (flat.shape[-1],), flat.dtype)
+  out = np.empty(out_shape + (flat.shape[-1],), flat.dtype if dtype is None else dtype)
   for c in range(flat.shape[-1]):
     ndimage.affine_transform(flat[..., c], matrix, offset, output_shape=out_shape, output=out[..., c],
                              order=order, mode='nearest')
   return out.reshape(out_shape + array.shape[3:])
 
 
-def _unresampled(array: np.ndarray, order: int) -> np.ndarray:
-  """What resampling onto the same grid gives: a copy (order 0 keeps the dtype) or float32."""
-  return array.copy() if order == 0 else array.astype(np.float32)
+def _unresampled(array: np.ndarray, order: int, dtype=None) -> np.ndarray:
+  """What resampling onto the same grid gives: a copy (order 0 keeps the dtype) or float32 (or `dtype`)."""
+  return array.copy() if order == 0 else array.astype(np.float32 if dtype is None else dtype)
 
 
-def _to_grid(reoriented: np.ndarray, model_space: ModelSpace, *, order: int) -> np.ndarray:
+def _to_grid(reoriented: np.ndarray, model_space: ModelSpace, *, order: int, dtype=None) -> np.ndarray:
   """A reoriented array onto the model grid, in the model space's convention."""
   if model_space.grid == SPINEPS_GRID:
     if not model_space.resampled:
-      return _unresampled(reoriented, order)
+      return _unresampled(reoriented, order, dtype)
     return resample_affine(reoriented, model_space.reoriented_affine, model_space.model_affine,
-                           model_space.target_shape, order=order)
-  return resample(reoriented, model_space.target_shape, order=order)
+                           model_space.target_shape, order=order, dtype=dtype)
+  return resample(reoriented, model_space.target_shape, order=order, dtype=dtype)
 
 
-def resample(array: np.ndarray, out_shape, *, order: int) -> np.ndarray:
+def resample(array: np.ndarray, out_shape, *, order: int, dtype=None) -> np.ndarray:
   """Centre-aligned resampling of the first three axes to `out_shape` (trailing axes follow).
 
   order 0: nearest neighbour by index arithmetic, dtype kept (masks). order >= 1: scipy spline
-  interpolation (1 linear, 3 cubic) to float32, one channel at a time.
+  interpolation (1 linear, 3 cubic) to float32 (or `dtype`, as `resample_affine`), one channel at a time.
   """
   array = np.asarray(array)
   in_shape = array.shape[:3]
   out_shape = tuple(int(n) for n in out_shape)
   if out_shape == in_shape:
-    return _unresampled(array, order)
+    return _unresampled(array, order, dtype)
   if order == 0:
     return array[np.ix_(*(_nearest_indices(a, b) for a, b in zip(in_shape, out_shape)))]
   scale = np.asarray(in_shape, np.float64) / np.asarray(out_shape, np.float64)
   offset = 0.5 * scale - 0.5
   flat = array.reshape(in_shape + (-1,))
-  out = np.empty(out_shape + (flat.shape[-1],), np.float32)
+  out = np.empty(out_shape + (flat.shape[-1],), np.float32 if dtype is None else dtype)
   for c in range(flat.shape[-1]):
-    ndimage.affine_transform(flat[..., c].astype(np.float32), scale, offset, output_shape=out_shape,
-                             output=out[..., c], order=order, mode='nearest')
+    ndimage.affine_transform(flat[..., c].astype(np.float32) if dtype is None else flat[..., c], scale, offset,
+                             output_shape=out_shape, output=out[..., c], order=order, mode='nearest')
   return out.reshape(out_shape + array.shape[3:])
 
 
@@ -246,14 +252,30 @@ def _target_shape(shape, source_spacing, target_spacing, grid: str) -> tuple:
   return resampled_shape(shape, source_spacing, target_spacing)
 
 
+def pad_grid(array: np.ndarray, affine: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:
+  """`pad` zero voxels on every side of the first three axes, and the grid's affine: TPTBox's `apply_pad`
+  (its float translation matrix, `affine @ transform`), so voxel 0 moves `pad` voxels back."""
+  array = np.asarray(array)
+  transform = np.eye(4)
+  transform[:3, 3] = -pad
+  pads = [(pad, pad)] * 3 + [(0, 0)] * (array.ndim - 3)
+  return np.pad(array, pads), np.asarray(affine, np.float64) @ transform
+
+
+def _unpad(array: np.ndarray, pad: int) -> np.ndarray:
+  return array[pad:-pad, pad:-pad, pad:-pad] if pad else array
+
+
 def to_model_space(image: np.ndarray, affine: np.ndarray, *, axcodes=PIR, spacing=REFERENCE_SPACING,
                    order: int = 3, is_mask: bool = False, max_voxels: int | None = DEFAULT_MAX_VOXELS,
-                   grid: str = DEFAULT_GRID, name=None) -> tuple[np.ndarray, ModelSpace]:
+                   grid: str = DEFAULT_GRID, input_pad: int = 0, keep_dtype: bool = False,
+                   name=None) -> tuple[np.ndarray, ModelSpace]:
   """Reorient to `axcodes` and resample to `spacing` mm on `grid` (see module docstring): (model-space
   array, ModelSpace).
 
-  Images are interpolated with spline `order` (3 cubic, 1 linear) to float32; masks
-  (`is_mask=True`) with nearest neighbour, keeping their dtype. Faults raise VolumeError (a
+  Images are interpolated with spline `order` (3 cubic, 1 linear) to float32 (their own dtype with
+  `keep_dtype`, as TPTBox); masks (`is_mask=True`) with nearest neighbour, keeping their dtype.
+  `input_pad` zero voxels go around the input grid first (`pad_grid`). Faults raise VolumeError (a
   NiftiError) naming `name`: not 3D, NaN/Inf, a bad affine, more than `max_voxels` voxels
   before or after resampling.
   """
@@ -263,7 +285,9 @@ def to_model_space(image: np.ndarray, affine: np.ndarray, *, axcodes=PIR, spacin
   nifti.check_affine(_label(name), affine)
   target_spacing = check_spacing(spacing, name=name)
   grid = check_grid(grid, name=name)
-  reoriented, new_affine, reorientation = nifti.reorient(image, affine, axcodes)
+  padded, padded_affine = pad_grid(image, affine, input_pad) if input_pad else (image, affine)
+  reoriented, new_affine, reorientation = nifti.reorient(padded, padded_affine, axcodes)
+  reorientation = dataclasses.replace(reorientation, shape=tuple(image.shape[:3]), affine=affine.copy())
   source_spacing = nifti.spacing_from_affine(new_affine)
   target_shape = _target_shape(reoriented.shape, source_spacing, target_spacing, grid)
   check_voxel_count(target_shape, name=name, max_voxels=max_voxels,
@@ -271,8 +295,9 @@ def to_model_space(image: np.ndarray, affine: np.ndarray, *, axcodes=PIR, spacin
   model_space = ModelSpace(
       reorientation=reorientation, axcodes=tuple(axcodes), reoriented_shape=tuple(reoriented.shape),
       reoriented_affine=new_affine, source_spacing=tuple(source_spacing.tolist()),
-      target_spacing=tuple(target_spacing.tolist()), target_shape=target_shape, grid=grid)
-  return _to_grid(reoriented, model_space, order=0 if is_mask else order), model_space
+      target_spacing=tuple(target_spacing.tolist()), target_shape=target_shape, grid=grid, input_pad=int(input_pad))
+  dtype = image.dtype if keep_dtype and not is_mask else None
+  return _to_grid(reoriented, model_space, order=0 if is_mask else order, dtype=dtype), model_space
 
 
 def mask_to_model_space(mask: np.ndarray, affine: np.ndarray, **kwargs) -> tuple[np.ndarray, ModelSpace]:
@@ -287,6 +312,8 @@ def apply_model_space(array: np.ndarray, model_space: ModelSpace, *, is_mask: bo
   if array.shape[:3] != model_space.input_shape:
     raise ValueError(f'array of shape {array.shape} is not on the input grid of shape {model_space.input_shape}')
   reoriented, _, _ = nifti.reorient(array, model_space.input_affine, model_space.axcodes)
+  if model_space.input_pad:  # padding every side alike commutes with the axis flips and permutations
+    reoriented = pad_grid(reoriented, model_space.input_affine, model_space.input_pad)[0]
   return _to_grid(reoriented, model_space, order=0 if is_mask else order)
 
 
@@ -297,7 +324,7 @@ def from_model_space(array: np.ndarray, model_space: ModelSpace, *, is_mask: boo
   Masks use nearest neighbour; other arrays spline `order` (default linear: probabilities stay
   in [0, 1] and keep summing to 1, which cubic would not). The result has the input's exact
   shape (plus trailing axes), so it is saved with the input's affine. On SPINEPS' grid it goes
-  straight from the model grid to the input grid, as TPTBox's `resample_from_to` does.
+  straight from the model grid to the (unpadded) input grid, as TPTBox's `resample_from_to` does.
   """
   array = np.asarray(array)
   order = 0 if is_mask else order
@@ -310,7 +337,7 @@ def from_model_space(array: np.ndarray, model_space: ModelSpace, *, is_mask: boo
     resampled = _unresampled(array, order)
   else:
     resampled = resample(array, model_space.reoriented_shape, order=order)
-  return nifti.undo_reorientation(resampled, model_space.reorientation)
+  return nifti.undo_reorientation(_unpad(resampled, model_space.input_pad), model_space.reorientation)
 
 
 def shift_and_cap_intensity(image: np.ndarray, max_value: float = SPINEPS_MAX_INTENSITY) -> np.ndarray:

@@ -12,11 +12,13 @@ import multiprocessing
 
 import numpy as np
 
+from spine_jax.data import bias_field
 from spine_jax.data import manifest as manifest_lib
 from spine_jax.data import nifti
 from spine_jax.data import patches
 from spine_jax.data import spatial
 from spine_jax.data import spine_labels
+from spine_jax.data import spineps_preprocess
 from spine_jax.data.phantoms import mri as mri_phantoms
 
 
@@ -30,6 +32,9 @@ class Volume:
   model_space: spatial.ModelSpace
   instance: np.ndarray | None = None  # (X, Y, Z) SPINEPS instance ids in model space
   class_locations: dict | None = None
+  # The box of the model grid the network sees ('spineps' normalisation: nnU-Net's non-zero crop; the
+  # prediction is background outside it); None: the whole grid.
+  network_box: tuple | None = None
 
   def as_record(self) -> dict:
     """What the patch sampler reads."""
@@ -41,14 +46,24 @@ def prepare_scan(image, affine, prep_cfg, *, semantic=None, instance=None, name=
                  max_locations_per_class: int = 0, seed: int = 0) -> Volume:
   """Reorient, resample and normalise a scan (and its masks) as the model expects.
 
-  With `max_locations_per_class`, also samples voxel positions of each class (for foreground
-  oversampling of training patches).
+  `prep_cfg.bias_field` and `prep_cfg.normalisation` (data/spineps_preprocess.py) add SPINEPS' steps on
+  the input grid and its padding, dtype and nnU-Net normalisation. With `max_locations_per_class`, also
+  samples voxel positions of each class (for foreground oversampling of training patches).
   """
   target = tuple(prep_cfg.spacing)
+  spineps_mode = spineps_preprocess.normalisation_of(prep_cfg) == spineps_preprocess.SPINEPS
+  if spineps_preprocess.runs_on_input_grid(prep_cfg):
+    image = spineps_preprocess.prepare_input(image, affine, bias=bias_field.bias_field_of(prep_cfg), name=name,
+                                             max_voxels=prep_cfg.max_voxels)
   x, space = spatial.to_model_space(image, affine, axcodes=tuple(prep_cfg.axcodes), spacing=target,
                                     order=prep_cfg.image_order, max_voxels=prep_cfg.max_voxels,
-                                    grid=spatial.grid_of(prep_cfg), name=name)
-  x = spatial.normalise_mri(x, max_value=prep_cfg.max_intensity, standardise=True).astype(np.float32)
+                                    grid=spatial.grid_of(prep_cfg), input_pad=spineps_preprocess.input_pad_of(prep_cfg),
+                                    keep_dtype=spineps_mode, name=name)
+  box = None
+  if spineps_mode:
+    x, box = spineps_preprocess.network_input(x, name)
+  else:
+    x = spatial.normalise_mri(x, max_value=prep_cfg.max_intensity, standardise=True).astype(np.float32)
   labels = inst = locations = None
   if semantic is not None:
     spine_labels.check_ids(semantic, name)  # before resampling, which could drop a stray voxel
@@ -58,7 +73,7 @@ def prepare_scan(image, affine, prep_cfg, *, semantic=None, instance=None, name=
       locations = patches.class_locations(labels, max_locations_per_class, seed)
   if instance is not None:
     inst = spatial.apply_model_space(instance, space, is_mask=True)
-  return Volume(name, x, labels, np.asarray(space.model_spacing, np.float32), space, inst, locations)
+  return Volume(name, x, labels, np.asarray(space.model_spacing, np.float32), space, inst, locations, box)
 
 
 def _max_locations(cfg) -> int:
@@ -75,7 +90,9 @@ def _phantom_volume(args) -> Volume:
 
 def _scan_volume(args) -> Volume:
   cfg, record, index = args
-  image, affine, _ = nifti.load_nifti(record.image)
+  image, affine, header = nifti.load_nifti(record.image)
+  if spineps_preprocess.runs_on_input_grid(cfg.preprocess):
+    image = spineps_preprocess.stored_dtype(image, header)
   semantic, sem_affine, _ = nifti.load_mask(record.semantic)
   nifti.check_same_grid(record.image, affine, image.shape, record.semantic, sem_affine, semantic.shape)
   instance = None

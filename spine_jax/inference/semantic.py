@@ -8,6 +8,7 @@ import numpy as np
 from spine_jax.data import nifti
 from spine_jax.data import spatial
 from spine_jax.data import spine_labels
+from spine_jax.data import spineps_preprocess
 from spine_jax.data import volumes
 from spine_jax.engine import predict as predict_lib
 from spine_jax.inference import semantic_postprocess
@@ -32,6 +33,16 @@ def predict_volume(logits_fn, image: np.ndarray, cfg, progress=None) -> np.ndarr
   return probs.argmax(-1).astype(np.uint8)
 
 
+def predict_prepared(logits_fn, vol: volumes.Volume, cfg, progress=None) -> np.ndarray:
+  """`predict_volume` on the part of a prepared scan its network sees (`vol.network_box`), the rest
+  background: nnU-Net predicts on its non-zero crop and pads the prediction back with background."""
+  if vol.network_box is None:
+    return predict_volume(logits_fn, vol.image, cfg, progress=progress)
+  indices = np.zeros(vol.image.shape, np.uint8)
+  indices[vol.network_box] = predict_volume(logits_fn, vol.image[vol.network_box], cfg, progress=progress)
+  return indices
+
+
 @dataclasses.dataclass
 class SemanticResult:
   mask: np.ndarray  # (input grid) uint8 SPINEPS ids
@@ -47,7 +58,7 @@ def segment_array(state, config, mesh, image: np.ndarray, affine: np.ndarray, *,
   """An image already in memory (with its affine) -> semantic mask on the same grid."""
   vol = volumes.prepare_scan(image, affine, config.data.preprocess, name=name)
   logits_fn = logits_fn or predict_lib.semantic_logits_fn(state, mesh)
-  indices = predict_volume(logits_fn, vol.image, config, progress=progress)
+  indices = predict_prepared(logits_fn, vol, config, progress=progress)
   ids = spine_labels.indices_to_ids(indices)
   post_cfg = config.get("postprocess") or semantic_postprocess.default_postprocess_config()
   ids = semantic_postprocess.postprocess_semantic(ids, vol.spacing, post_cfg).astype(np.uint8)
@@ -57,6 +68,8 @@ def segment_array(state, config, mesh, image: np.ndarray, affine: np.ndarray, *,
 
 def segment_file(state, config, mesh, path, *, logits_fn=None, progress=None) -> SemanticResult:
   image, affine, header = nifti.load_nifti(path)
+  if spineps_preprocess.runs_on_input_grid(config.data.preprocess):
+    image = spineps_preprocess.stored_dtype(image, header)
   result = segment_array(state, config, mesh, image, affine, name=str(path), logits_fn=logits_fn,
                          progress=progress)
   result.header = header
