@@ -308,8 +308,8 @@ def test_bad_file_in_a_bone_quality_pair(case, bone_quality_batch):
 
 def test_predict_usage_errors(tmp_path):
   _one_error(_run("predict", "semantic"), "semantic needs --checkpoint, --input and --output")
-  _one_error(_run("predict", "nope"), "{ct|semantic|spine}")
-  _one_error(_run("predict"), "{ct|semantic|spine}")
+  _one_error(_run("predict", "nope"), "{bone_quality|semantic|spine}")
+  _one_error(_run("predict"), "{bone_quality|semantic|spine}")
   _one_error(_run("predict", "bone_quality", "--nope=1"), "Unknown command line flag 'nope'")
   _one_error(_run("predict", "semantic", "--step_size=2", "--checkpoint=c", "--input=i", f"--output={tmp_path}"),
              "--step_size must be in (0, 1]")
