@@ -9,6 +9,7 @@ ANTsPy differs from itself by 2.2e-5 to 5.6e-5 (relative L2) on that phantom acr
 (the B-spline fits' float32 sums are split per work unit and 200 iterations that do not converge amplify
 round-off); the tolerances sit a few times above the larger figure.
 """
+import importlib.util
 import sys
 
 import numpy as np
@@ -27,11 +28,7 @@ PHANTOM_MAX_REL = 5e-4  # measured 6.2e-5
 
 
 def _has_sitk() -> bool:
-  try:
-    import SimpleITK  # noqa: F401
-  except ImportError:
-    return False
-  return True
+  return importlib.util.find_spec("SimpleITK") is not None
 
 
 needs_sitk = pytest.mark.skipif(not _has_sitk(), reason="SimpleITK is not installed (pip install 'spine_jax[n4]')")
