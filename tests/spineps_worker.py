@@ -181,13 +181,13 @@ def postprocess_combined(labeling_offset: int = 1, **arrays: np.ndarray) -> dict
   return out
 
 
-def _standin_classes(classes: np.ndarray) -> np.ndarray:
-  """The stand-in instance network of tests/inference/test_phase2_vs_spineps.py (its `standin_classes`, the same
-  numpy, kept in step by hand): in one cutout of input classes 0..9, the vertebral bodies are the 6-connected
-  pieces of class 9, ordered by the middle of their row span (ties: first voxel in C order); the piece with the
-  voxel nearest the cutout's centre voxel (ties: first in C order) is the centre vertebra (2), the pieces before
-  and after it are above (1) and below (3), and every vertebra voxel (classes 1..9) goes to the piece whose row
-  span's middle is nearest its row (ties: the upper). Integer arithmetic only, so both environments agree."""
+def standin_classes(classes: np.ndarray) -> np.ndarray:
+  """The stand-in instance network of tests/inference/test_phase2_vs_spineps.py, which imports it from here so
+  that both pipelines run one network: in one cutout of input classes 0..9, the vertebral bodies are the
+  6-connected pieces of class 9, ordered by the middle of their row span (ties: first voxel in C order); the
+  piece with the voxel nearest the cutout's centre voxel (ties: first in C order) is the centre vertebra (2),
+  the pieces before and after it are above (1) and below (3), and every vertebra voxel (classes 1..9) goes to
+  the piece whose row span's middle is nearest its row (ties: the upper). Integer arithmetic only."""
   from scipy import ndimage
 
   classes = np.asarray(classes)
@@ -222,7 +222,7 @@ def phase2_instances(zooms: dict[str, list[float]], cutout_sizes: dict[str, list
                      corpus_size_cleaning: float = 100, vert_size_threshold: float = 250, batch_size: int = 4,
                      proc_detect_and_solve_merged_corpi: bool = True, **masks: np.ndarray) -> dict[str, np.ndarray]:
   """SPINEPS' phase 2 up to the raw instance mask: phase_instance.predict_instance_mask itself on each P, I, R
-  mask of zooms[NAME] mm, with a SegmentationModelUnet3D whose network is `_standin_classes` (SPINEPS' own
+  mask of zooms[NAME] mm, with a SegmentationModelUnet3D whose network is `standin_classes` (SPINEPS' own
   one-hot input and argmax around it) and whose inference config has resolution_range zooms[NAME] (so nothing is
   resampled), cutout_size cutout_sizes[NAME], the two thresholds and the default mapping. get_corpus_coms,
   nii_calc_crop_around_centerpoint and NII.compute_crop are wrapped to record what they return. One `import
@@ -243,7 +243,7 @@ def phase2_instances(zooms: dict[str, list[float]], cutout_sizes: dict[str, list
   from TPTBox import NII
 
   def network(batch):  # (N, channels, P, I, R) one-hot -> (N, 4, P, I, R) scores
-    classes = np.stack([_standin_classes(c) for c in batch.argmax(1).cpu().numpy()]).astype(np.int64)
+    classes = np.stack([standin_classes(c) for c in batch.argmax(1).cpu().numpy()]).astype(np.int64)
     return torch.nn.functional.one_hot(torch.from_numpy(classes), 4).permute(0, 4, 1, 2, 3).float()
 
   class StandInModel(SegmentationModelUnet3D):

@@ -25,7 +25,6 @@ from spine_jax.data.spine_labels import (ARCUS, ARTICULAR, CORPUS, DISC, DISC_OF
                                          ENDPLATE_OFFSET, ENDPLATE_SUPERIOR, SACRUM, SACRUM_INSTANCE, SPINOUS,
                                          VERTEBRA_PARTS)
 from spine_jax.inference import spine
-from spine_jax.inference.phase2 import centres as body_centres
 from spine_jax.inference.phase2 import common as phase2_common
 from spine_jax.inference.phase2 import joint_postprocess as jp
 from spine_jax.inference.phase2 import labelling
@@ -373,14 +372,8 @@ def test_spineps_mode_in_the_pipeline_cleans_both_masks_on_the_input_grid():
   volume = mri.make_volume(config.data.phantom, 'test', 0)
   semantic, affine, _ = nifti.reorient(volume['semantic'], volume['affine'], LPS)
   reference, _, _ = nifti.reorient(volume['instance'], volume['affine'], LPS)
-  prep, cfg = config.data.preprocess, config.inference
-  model_semantic, space = spatial.mask_to_model_space(semantic, affine, axcodes=tuple(prep.axcodes),
-                                                      spacing=tuple(prep.spacing))
-  centres, _ = body_centres.vertebral_body_centres(model_semantic, space.model_spacing, erosion=int(cfg.body_erosion),
-                                                   min_voxels=cfg.min_body_voxels)
-  oracle = oracle_lib.oracle_predict_fn(model_semantic, spatial.apply_model_space(reference, space, is_mask=True),
-                                        centres, tuple(cfg.cutout_size))
-  model = spine.Model(None, config, None, oracle, 'oracle')
+  cfg = config.inference
+  model = spine.Model(None, config, None, oracle_lib.oracle_for_scan(semantic, affine, reference, config), 'oracle')
   same, kept, _ = spine.instances_in_input_space(semantic, affine, model, return_semantic=True)
   assert kept is semantic and same.shape == semantic.shape
   cfg.postprocess_mode = phase2_common.SPINEPS_MODE

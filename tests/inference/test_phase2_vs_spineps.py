@@ -1,8 +1,8 @@
 """Phase 2 in 'spineps' mode against SPINEPS 2.1.3 itself, up to the raw instance mask: the worker's
 `phase2_instances` runs phase_instance.predict_instance_mask on the same semantic masks (model grid, P, I, R)
-with a stand-in network that both sides compute from the one-hot cutout alone (`standin_classes` here, the same
-numpy as the worker's `_standin_classes`), so any difference is the pipeline's. Compared: body centres of mass,
-cutout centres and boxes, the crop, and the instance mask voxel for voxel; the 'spine_jax' mode's distance from
+with a stand-in network that both sides compute from the one-hot cutout alone (`standin_classes` of
+tests/spineps_worker.py, one function on both sides), so any difference is the pipeline's. Compared: body
+centres of mass, cutout centres and boxes, the crop, and the instance mask voxel for voxel; the 'spine_jax' mode's distance from
 SPINEPS is printed. Inputs: MRI phantoms, fused bodies (bridged, disc gone), body fragments (a speck, one under
 the size threshold, two whose centre of mass lies off them), a body split at one height, vertebrae cut by the
 field's edges, a phantom on a coarser grid, no body, and the TPTBox test MRI. Also SPINEPS' split of fused
@@ -10,7 +10,6 @@ bodies (worker `split_fused_bodies`) on hand-made blobs. Skips when the SPINEPS 
 """
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from spine_jax.data.phantoms import mri
 from spine_jax.data.spine_labels import CORPUS, DISC, ENDPLATE
@@ -19,44 +18,11 @@ from spine_jax.inference.phase2 import pipeline
 from spine_jax.inference.phase2 import spineps_centres
 from spine_jax.inference.phase2 import spineps_instances
 from tests import spineps_oracle
+from tests.spineps_worker import standin_classes
 
 SPACING = (0.75, 0.75, 1.65)  # mm, P, I, R: the phantoms' (and SPINEPS' T2w models') grid
 CUTOUT = (64, 96, 32)  # voxels: about three vertebrae, 48 mm along P (so the phantom's edges cut it)
 BRIDGE_RADIUS_MM = 6.0  # a bony bridge through a disc: thick enough to outlast the 2-voxel erosion
-
-
-def standin_classes(classes: np.ndarray) -> np.ndarray:
-  """The stand-in instance network on one cutout of input classes 0..9 -> 0..3 (tests/spineps_worker.py's
-  `_standin_classes`, the same numpy): body pieces (class 9, 6-connected) ordered by the middle of their row
-  span (ties: first voxel in C order); the piece nearest the cutout's centre voxel is the centre vertebra (2),
-  the pieces before and after it above (1) and below (3); each vertebra voxel goes to the piece whose row
-  span's middle is nearest its row (ties: the upper). Integer arithmetic only, so both environments agree."""
-  classes = np.asarray(classes)
-  out = np.zeros(classes.shape, np.uint8)
-  body, count = ndimage.label(classes == 9, ndimage.generate_binary_structure(3, 1))
-  if count == 0:
-    return out
-  flat = body.ravel()
-  where = np.flatnonzero(flat)
-  ids = flat[where].astype(np.int64)
-  first = np.full(count + 1, flat.size, np.int64)
-  np.minimum.at(first, ids, where)
-  coords = np.stack(np.unravel_index(where, classes.shape), axis=1)
-  low = np.full(count + 1, classes.shape[1], np.int64)
-  high = np.full(count + 1, -1, np.int64)
-  np.minimum.at(low, ids, coords[:, 1])
-  np.maximum.at(high, ids, coords[:, 1])
-  middle2 = low + high  # twice the middle row
-  nearest = int(ids[np.argmin(((coords - np.array(classes.shape) // 2) ** 2).sum(axis=1))])
-  order = sorted(range(1, count + 1), key=lambda c: (int(middle2[c]), int(first[c])))
-  rank = order.index(nearest)
-  middles = np.array([middle2[c] for c in order], np.int64)
-  row_rank = np.argmin(np.abs(2 * np.arange(classes.shape[1])[:, None] - middles[None, :]), axis=1)
-  vertebra = classes > 0
-  for value, r in ((1, rank - 1), (2, rank), (3, rank + 1)):
-    if 0 <= r < count:
-      out[vertebra & (row_rank == r)[None, :, None]] = value
-  return out
 
 
 def predict_fn(batch):

@@ -24,7 +24,6 @@ from spine_jax.data.phantoms import mri
 from spine_jax.data.phantoms import mri_anatomy
 from spine_jax.inference import semantic as semantic_lib
 from spine_jax.inference import spine
-from spine_jax.inference.phase2 import centres as body_centres
 from spine_jax.inference.phase2 import oracle as oracle_lib
 from spine_jax.inference.phase2 import pipeline as phase2
 from spine_jax.metrics import instances as inst_metrics
@@ -117,14 +116,7 @@ def perfect_phase2():
   volume = mri.make_volume(config.data.phantom, "test", 0)
   semantic, affine, _ = nifti.reorient(volume["semantic"], volume["affine"], LPS)
   reference, _, _ = nifti.reorient(volume["instance"], volume["affine"], LPS)
-  prep, cfg = config.data.preprocess, config.inference
-  model_semantic, space = spatial.mask_to_model_space(semantic, affine, axcodes=tuple(prep.axcodes),
-                                                      spacing=tuple(prep.spacing))
-  centres, _ = body_centres.vertebral_body_centres(model_semantic, space.model_spacing, erosion=int(cfg.body_erosion),
-                                               min_voxels=cfg.min_body_voxels)
-  oracle = oracle_lib.oracle_predict_fn(model_semantic, spatial.apply_model_space(reference, space, is_mask=True),
-                                      centres, tuple(cfg.cutout_size))
-  model = spine.Model(None, config, None, oracle, "oracle")
+  model = spine.Model(None, config, None, oracle_lib.oracle_for_scan(semantic, affine, reference, config), "oracle")
   out, messages = spine.instances_in_input_space(semantic, affine, model)
   return dict(volume=volume, semantic=semantic, reference=reference, affine=affine, out=out, messages=messages)
 
@@ -156,15 +148,8 @@ def test_spineps_models_run_phase2_from_the_semantic_model_grid():
   reference, _, _ = nifti.reorient(volume["instance"], volume["affine"], LPS)
   sem_mask, sem_space = spatial.mask_to_model_space(semantic, affine, axcodes=spatial.PIR, spacing=(1.5, 1.5, 3.3),
                                                     grid=spatial.SPINEPS_GRID)
-  prep, cfg = config.data.preprocess, config.inference
-  model_semantic, space = spatial.mask_to_model_space(sem_mask, sem_space.model_affine, axcodes=tuple(prep.axcodes),
-                                                      spacing=tuple(prep.spacing), grid=spatial.SPINEPS_GRID)
-  centres, _ = body_centres.vertebral_body_centres(model_semantic, space.model_spacing, erosion=int(cfg.body_erosion),
-                                               min_voxels=cfg.min_body_voxels)
-  ref_model = spatial.mask_to_model_space(spatial.apply_model_space(reference, sem_space, is_mask=True),
-                                          sem_space.model_affine, axcodes=tuple(prep.axcodes),
-                                          spacing=tuple(prep.spacing), grid=spatial.SPINEPS_GRID)[0]
-  oracle = oracle_lib.oracle_predict_fn(model_semantic, ref_model, centres, tuple(cfg.cutout_size))
+  oracle = oracle_lib.oracle_for_scan(sem_mask, sem_space.model_affine,
+                                      spatial.apply_model_space(reference, sem_space, is_mask=True), config)
   model = spine.Model(None, config, None, oracle, "oracle")
   out, _ = spine.instances_in_input_space(semantic, affine, model, semantic_space=sem_space, model_semantic=sem_mask)
   assert out.shape == semantic.shape and _instance_ids_ok(out)

@@ -7,6 +7,8 @@ from typing import Callable
 
 import numpy as np
 
+from spine_jax.data import spatial
+from spine_jax.inference.phase2 import centres as centres_lib
 from spine_jax.inference.phase2.common import (ABOVE, BELOW, CENTRE, DISC_OFFSET, INFERIOR_AXIS, VERTEBRA_LABELS,
                                                centres_of_mass)
 from spine_jax.inference.phase2.cutouts import cutout, relabel_for_instance
@@ -71,3 +73,15 @@ def oracle_predict_fn(semantic: np.ndarray, reference: np.ndarray, centres, size
       out[k] = known[key]
     return out
   return predict
+
+
+def oracle_for_scan(semantic: np.ndarray, affine: np.ndarray, reference: np.ndarray, config) -> Callable:
+  """`oracle_predict_fn` for an instance model's `config` on a scan: the semantic and reference masks (one
+  grid, `affine`) go into the config's model space, where the body centres are found as phase 2 finds them."""
+  prep, cfg = config.data.preprocess, config.inference
+  model_semantic, space = spatial.mask_to_model_space(semantic, affine, axcodes=tuple(prep.axcodes),
+                                                      spacing=tuple(prep.spacing), grid=spatial.grid_of(prep))
+  centres, _ = centres_lib.vertebral_body_centres(model_semantic, space.model_spacing, erosion=int(cfg.body_erosion),
+                                                  min_voxels=cfg.min_body_voxels)
+  return oracle_predict_fn(model_semantic, spatial.apply_model_space(reference, space, is_mask=True), centres,
+                           tuple(cfg.cutout_size))
