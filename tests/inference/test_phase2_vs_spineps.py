@@ -1,12 +1,13 @@
 """Phase 2 in 'spineps' mode against SPINEPS 2.1.3 itself, up to the raw instance mask: the worker's
-`phase2_instances` runs phase_instance.predict_instance_mask on the same semantic masks (model grid, P, I, R)
-with a stand-in network that both sides compute from the one-hot cutout alone (`standin_classes` of
-tests/spineps_worker.py, one function on both sides), so any difference is the pipeline's. Compared: body
-centres of mass, cutout centres and boxes, the crop, and the instance mask voxel for voxel; the 'spine_jax' mode's distance from
-SPINEPS is printed. Inputs: MRI phantoms, fused bodies (bridged, disc gone), body fragments (a speck, one under
-the size threshold, two whose centre of mass lies off them), a body split at one height, vertebrae cut by the
-field's edges, a phantom on a coarser grid, no body, and the TPTBox test MRI. Also SPINEPS' split of fused
-bodies (worker `split_fused_bodies`) on hand-made blobs. Skips when the SPINEPS environment is absent.
+`phase2_instances` runs phase_instance.predict_instance_mask on the same semantic masks (model grid, P, I, R) with
+a stand-in network that both sides compute from the one-hot cutout alone (`standin_classes` of
+tests/spineps_worker.py, one function on both sides), so any difference is the pipeline's. Compared: body centres
+of mass, cutout centres and boxes, the crop, and the instance mask voxel for voxel; the 'spine_jax' mode's
+distance from SPINEPS is printed. Inputs: MRI phantoms, fused bodies (bridged, disc gone), body fragments (a
+speck, one under the size threshold, two whose centre of mass lies off them), a body split at one height,
+vertebrae cut by the field's edges, a phantom on a coarser grid, no body, and the TPTBox test MRI. Also SPINEPS'
+split of fused bodies (worker `split_fused_bodies`) on hand-made blobs. Skips when the SPINEPS environment is
+absent.
 """
 import numpy as np
 import pytest
