@@ -100,10 +100,15 @@ def semantic_state_dict(variables: Mapping[str, Any], model_cfg) -> dict[str, np
   return out
 
 
+def network_axes(values) -> list:
+  """Per-axis values (kernel, stride, patch, spacing) of our model axes in nnU-Net's network axes."""
+  order = network_order()
+  return [values[order.index(a)] for a in range(3)]
+
+
 def semantic_arch_kwargs(model_cfg) -> dict[str, Any]:
   """plans.json `arch_kwargs` of our U-Net config, in network axes."""
-  order = network_order()
-  back = lambda values: [int(values[order.index(a)]) for a in range(3)]
+  back = lambda values: [int(v) for v in network_axes(values)]
   nonlin = ("torch.nn.LeakyReLU", {"negative_slope": float(model_cfg.leaky_relu_slope), "inplace": True})
   return dict(n_stages=int(model_cfg.n_stages), features_per_stage=[int(f) for f in model_cfg.features_per_stage],
               conv_op="torch.nn.modules.conv.Conv3d",
@@ -115,15 +120,10 @@ def semantic_arch_kwargs(model_cfg) -> dict[str, Any]:
               nonlin=nonlin[0], nonlin_kwargs=nonlin[1])
 
 
-def _network_axes(values) -> list:
-  order = network_order()
-  return [values[order.index(a)] for a in range(3)]
-
-
 def semantic_plans(config) -> dict[str, Any]:
   """plans.json with one 3d_fullres configuration: the architecture, patch, spacing and z-scoring."""
-  spacing = [float(s) for s in _network_axes(tuple(config.data.preprocess.spacing))]
-  patch = [int(p) for p in _network_axes(tuple(config.data.patch.patch_size))]
+  spacing = [float(s) for s in network_axes(tuple(config.data.preprocess.spacing))]
+  patch = [int(p) for p in network_axes(tuple(config.data.patch.patch_size))]
   resample = lambda is_seg, order: {"is_seg": is_seg, "order": order, "order_z": 0, "force_separate_z": None}
   configuration = dict(
       data_identifier=f"nnUNetPlans_{CONFIGURATION}", preprocessor_name="DefaultPreprocessor", batch_size=2,
