@@ -64,7 +64,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(batch_dice=True, present_only=True, dice_weight=1.0, ce_weight=1.0))
   # Test-time mirroring along the axes training mirrors (R, with left and right swapped back), as
   # nnU-Net predicts by default: it doubles the sliding window's cost.
-  c.inference = ml_collections.ConfigDict(dict(step_size=0.5, batch_size=2, mirror_axes=(2,)))
+  c.inference = ml_collections.ConfigDict(dict(step_size=0.5, batch_size=2, mirror_axes=(2,),
+                                               sliding_window_mode='spine_jax'))
   c.log_every = 50
   c.eval_every = 550                 # held-out Dice per structure during training (0: only at the end)
   c.checkpoint_every = 250

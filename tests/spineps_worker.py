@@ -378,6 +378,34 @@ def network_input(image: np.ndarray, affine: np.ndarray, voxel_spacing: list[flo
   return {**out, "data": data, "bbox": np.asarray(props["bbox_used_for_cropping"])}
 
 
+def importance_map(patch_size: list[int]) -> np.ndarray:
+  """TPTBox's `compute_gaussian` as predictor.py `_allocate` calls it (sigma 1/8, scale 1000, float16, CPU)."""
+  import torch
+  from TPTBox.segmentation.nnUnet_utils.sliding_window_prediction import compute_gaussian
+  return compute_gaussian(tuple(patch_size), sigma_scale=1.0 / 8, value_scaling_factor=1000,
+                          device=torch.device("cpu")).numpy()
+
+
+def semantic_logits(data: np.ndarray, folder: str, step_size: float | None = None) -> dict[str, np.ndarray]:
+  """SPINEPS' semantic network on an already preprocessed array, as seg_model.py:442 loads it
+  (`load_inf_model` with the folder's inference_config: step size, folds, mirroring; on the CPU) and
+  predictor.py `predict_logits_from_preprocessed_data` runs it: the folds' sliding windows with the
+  float16 Gaussian map and float16 accumulation, averaged over folds.
+
+  `data` is (1, X, Y, Z) in nnU-Net's axis order (worker.network_input's `data`). Returns logits
+  (classes, X, Y, Z) float32 (from the predictor's float16) and labels, their argmax."""
+  import torch
+  from spineps.get_models import get_actual_model
+  model = get_actual_model(folder, use_cpu=True).load()
+  predictor = model.predictor
+  if step_size is not None:
+    predictor.tile_step_size = step_size
+  predictor.allow_tqdm = False
+  logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(np.asarray(data)))
+  logits = logits.float().numpy()
+  return {"logits": logits, "labels": logits.argmax(0).astype(np.uint8)}
+
+
 # --- The harness. ---------------------------------------------------------------------------------------------
 
 

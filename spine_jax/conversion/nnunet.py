@@ -50,6 +50,7 @@ from spine_jax.data import spineps_preprocess
 from spine_jax.data import spine_labels
 from spine_jax.engine import bundle
 from spine_jax.inference import semantic_postprocess
+from spine_jax.inference import sliding_window
 from spine_jax.models import unet
 
 NEVER_LOGIT = -1e4  # bias of a head for a structure the nnU-Net model does not predict
@@ -152,7 +153,8 @@ def mirror_axes(allowed, order: Sequence[int], spineps_config: Mapping[str, Any]
 def semantic_config(plan: nnunet_plans.Plan, axcodes: Sequence[str], step_size: float,
                     provenance: Mapping[str, Any], grid: str = spatial.CENTRE_GRID,
                     mirror: Sequence[int] = (),
-                    postprocess_mode: str = semantic_postprocess.SPINE_JAX_MODE) -> ml_collections.ConfigDict:
+                    postprocess_mode: str = semantic_postprocess.SPINE_JAX_MODE,
+                    window_mode: str = sliding_window.SPINE_JAX_MODE) -> ml_collections.ConfigDict:
   """The converted network's config as a model bundle holds it: architecture, preprocessing, patch
   and window, phase-1 post-processing, and where the weights came from; nothing of training (no data
   set, no optimiser)."""
@@ -174,7 +176,7 @@ def semantic_config(plan: nnunet_plans.Plan, axcodes: Sequence[str], step_size: 
   c.data.patch = ml_collections.ConfigDict(dict(patch_size=nnunet_plans.permute(plan.patch_size, order)))
   # nnU-Net mirrors without exchanging left and right structures.
   c.inference = ml_collections.ConfigDict(dict(step_size=float(step_size), batch_size=2, mirror_axes=tuple(mirror),
-                                               mirror_swaps_left_right=False))
+                                               mirror_swaps_left_right=False, sliding_window_mode=window_mode))
   c.postprocess = semantic_postprocess.default_postprocess_config(postprocess_mode)
   c.converted_from = ml_collections.ConfigDict(dict(provenance))
   return c
@@ -204,8 +206,11 @@ def _axcodes(requested, spineps_config, folder) -> tuple[str, ...]:
 def convert_folder(folder, output, *, fold: int | str = 0, configuration: str | None = None,
                    checkpoint_name: str = "checkpoint_final.pth", axcodes: Sequence[str] | None = None,
                    label_map: Mapping[str, int] | None = None, trust_pickle: bool = False,
-                   overwrite: bool = False) -> dict[str, Any]:
+                   overwrite: bool = False, spineps_defects: bool = False) -> dict[str, Any]:
   """Converts an nnU-Net v2 (or SPINEPS semantic) model folder; returns what was converted.
+
+  `spineps_defects` (SPINEPS folders only) keeps SPINEPS' float16 window weights
+  (inference/sliding_window.py), to reproduce its masks rather than nnU-Net's intent.
 
   Everything is read and checked before anything is written.
   """
@@ -242,7 +247,10 @@ def convert_folder(folder, output, *, fold: int | str = 0, configuration: str | 
   # SPINEPS cleans its semantic mask its own way (phase_semantic.py); a plain nnU-Net model gets ours.
   postprocess = semantic_postprocess.SPINEPS_MODE if spineps_config is not None else semantic_postprocess.SPINE_JAX_MODE
   mirror = mirror_axes(init_args.get("mirror_axes"), plan.spatial_order, spineps_config)
-  config = semantic_config(plan, codes, step, provenance, grid, mirror, postprocess)
+  if spineps_defects and spineps_config is None:
+    raise ConversionError(f"{folder}: --spineps_defects applies to SPINEPS model folders (with inference_config.json)")
+  window = sliding_window.SPINEPS_MODE if spineps_defects else sliding_window.SPINE_JAX_MODE
+  config = semantic_config(plan, codes, step, provenance, grid, mirror, postprocess, window)
   missing = [i for i in spine_labels.SEMANTIC_IDS if i not in mapping.values()]
   summary = {**provenance, "output": str(pathlib.Path(output).absolute()), "axcodes": "".join(codes),
              "spacing": list(config.data.preprocess.spacing), "patch_size": list(config.data.patch.patch_size),

@@ -262,8 +262,11 @@ def convert_instance_folder(folder, output, *, trust_pickle: bool = False, overw
 
 
 def convert_pair(output, *, semantic_folder=None, instance_folder=None, trust_pickle: bool = False,
-                 overwrite: bool = False, **nnunet_kwargs) -> dict[str, Any]:
+                 overwrite: bool = False, spineps_defects: bool = False, **nnunet_kwargs) -> dict[str, Any]:
   """SPINEPS' semantic and/or instance model folders -> ``output/semantic`` and ``output/instance``.
+
+  `spineps_defects` keeps the SPINEPS behaviours that the default corrects, to reproduce its masks: the
+  float16 window weights of the semantic sliding window and the end of the instance phase on an empty couple.
 
   Both are converted in a temporary folder beside ``output`` that is renamed into place only when
   every conversion succeeded.
@@ -275,6 +278,8 @@ def convert_pair(output, *, semantic_folder=None, instance_folder=None, trust_pi
   output = pathlib.Path(output).absolute()
   refuse_existing(output, overwrite)
   prepared = prepare_instance(instance_folder, trust_pickle=trust_pickle) if instance_folder is not None else None
+  if prepared is not None and spineps_defects:
+    prepared[0].inference.abort_on_empty_couple = True
   output.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
   summary: dict[str, Any] = {"output": str(output)}
@@ -285,7 +290,7 @@ def convert_pair(output, *, semantic_folder=None, instance_folder=None, trust_pi
       if prepared is not None and semantic_config and semantic_config.get("has_c1"):
         prepared[0].inference.first_vertebra = SPINEPS_FIRST_VERTEBRA_WITH_C1
       summary["semantic"] = nnunet.convert_folder(folder, tmp / "semantic", trust_pickle=trust_pickle,
-                                                  **nnunet_kwargs)
+                                                  spineps_defects=spineps_defects, **nnunet_kwargs)
       summary["semantic"]["output"] = str(output / "semantic")
     if prepared is not None:
       cfg, params, inst = prepared

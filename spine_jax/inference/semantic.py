@@ -21,6 +21,7 @@ def predict_volume(logits_fn, image: np.ndarray, cfg, progress=None) -> np.ndarr
   Test-time mirroring along the left-right axis (R of PIR) swaps the left and right structures of
   the flipped prediction back, as training's mirroring along it swaps their labels; converted nnU-Net
   models mirror as nnU-Net does, without the swap (`inference.mirror_swaps_left_right` false).
+  `inference.sliding_window_mode` 'spineps' weighs the windows with SPINEPS' float16 arithmetic.
   """
   axcodes = tuple(cfg.data.preprocess.get("axcodes", spatial.PIR))
   lr_axis = next(i for i, code in enumerate(axcodes) if code in "LR")
@@ -29,7 +30,8 @@ def predict_volume(logits_fn, image: np.ndarray, cfg, progress=None) -> np.ndarr
       logits_fn, image[..., None], tuple(cfg.data.patch.patch_size), spine_labels.NUM_CLASSES,
       step_size=cfg.inference.step_size, batch_size=cfg.inference.batch_size,
       use_gaussian=True, mirror_axes=tuple(cfg.inference.mirror_axes),
-      mirror_channel_swaps=swaps, progress=progress)
+      mirror_channel_swaps=swaps, progress=progress,
+      mode=sliding_window.window_mode_of(cfg.inference))
   return probs.argmax(-1).astype(np.uint8)
 
 
@@ -66,10 +68,17 @@ def segment_array(state, config, mesh, image: np.ndarray, affine: np.ndarray, *,
   return SemanticResult(mask, np.asarray(affine), None, vol.image, ids, vol)
 
 
-def segment_file(state, config, mesh, path, *, logits_fn=None, progress=None) -> SemanticResult:
+def load_scan(path, config) -> tuple[np.ndarray, np.ndarray, object]:
+  """(image, affine, header) of a scan as the semantic model's preprocessing reads it: SPINEPS' steps on the
+  input grid work in the file's stored integer dtype (its normalisation truncates), so they get that back."""
   image, affine, header = nifti.load_nifti(path)
   if spineps_preprocess.runs_on_input_grid(config.data.preprocess):
     image = spineps_preprocess.stored_dtype(image, header)
+  return image, affine, header
+
+
+def segment_file(state, config, mesh, path, *, logits_fn=None, progress=None) -> SemanticResult:
+  image, affine, header = load_scan(path, config)
   result = segment_array(state, config, mesh, image, affine, name=str(path), logits_fn=logits_fn,
                          progress=progress)
   result.header = header

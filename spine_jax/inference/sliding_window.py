@@ -6,6 +6,13 @@ than its border, where the network saw little context, and the weighted sum is d
 summed weights. The model is called on fixed-shape batches (the last one padded), so a jitted
 `predict_fn` compiles once. The next batch is dispatched before the previous result is pulled to
 the host, so device compute overlaps with the host-side accumulation.
+
+Two window modes: `spine_jax` (float32 weights and sums: nnU-Net's intent) and `spineps`, the float16
+arithmetic of TPTBox's nnU-Net predictor as SPINEPS 2.1.3 runs it. There the Gaussian is cast to float16
+before it is normalised, so its values under float16's smallest subnormal (6e-8; about 55% of a
+64 x 128 x 32 map, everything below 5e-4 of the peak) underflow to zero and are then raised to the smallest
+non-zero one: a patch's outer half weighs as much as its border. The weighted logits and weights are summed
+in float16. The `spineps` mode exists to reproduce SPINEPS' masks; the default keeps the correct weights.
 """
 from __future__ import annotations
 
@@ -14,6 +21,10 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
+
+SPINE_JAX_MODE, SPINEPS_MODE = 'spine_jax', 'spineps'
+WINDOW_MODES = (SPINE_JAX_MODE, SPINEPS_MODE)
+SPINEPS_WEIGHT_SCALE = 1000.0  # TPTBox's value_scaling_factor (predictor.py `_allocate`)
 
 
 def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8,
@@ -36,6 +47,28 @@ def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 
   if zero.any():
     result[zero] = result[~zero].min()
   return result
+
+
+def spineps_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:
+  """TPTBox's `compute_gaussian` (sliding_window_prediction.py) with the arguments SPINEPS' predictor
+  passes: the n-D filtered impulse cast to float16 first, then scaled to a peak of 1000 in float16, zeros
+  raised to the smallest non-zero value. Float16."""
+  patch_size = tuple(int(p) for p in patch_size)
+  impulse = np.zeros(patch_size)
+  impulse[tuple(p // 2 for p in patch_size)] = 1.0
+  profile = ndimage.gaussian_filter(impulse, [p * sigma_scale for p in patch_size], 0, mode='constant', cval=0)
+  half = profile.astype(np.float16)
+  half = (half / half.max() * np.float16(SPINEPS_WEIGHT_SCALE)).astype(np.float16)
+  half[half == 0] = half[half != 0].min()
+  return half
+
+
+def window_mode_of(cfg) -> str:
+  """`inference.sliding_window_mode` of an inference config, checked ('spine_jax' when absent)."""
+  mode = cfg.get('sliding_window_mode', SPINE_JAX_MODE) if cfg is not None else SPINE_JAX_MODE
+  if mode not in WINDOW_MODES:
+    raise ValueError(f'inference.sliding_window_mode must be one of {WINDOW_MODES}, got {mode!r}')
+  return mode
 
 
 def sliding_window_steps(image_size: Sequence[int], patch_size: Sequence[int],
@@ -103,7 +136,8 @@ def _check_prediction(prediction: np.ndarray, batch_shape: tuple, num_classes: i
 def sliding_window_predict(predict_fn: Callable, image: np.ndarray, patch_size: Sequence[int], num_classes: int, *,
                            step_size: float = 0.5, batch_size: int = 2, use_gaussian: bool = True,
                            mirror_axes: Sequence[int] = (), mirror_channel_swaps: Mapping[int, Sequence[int]] | None = None,
-                           progress: Callable[[int, int], None] | None = None, pad_value: float = 0.0) -> np.ndarray:
+                           progress: Callable[[int, int], None] | None = None, pad_value: float = 0.0,
+                           mode: str = SPINE_JAX_MODE) -> np.ndarray:
   """Stitched (X, Y, Z, num_classes) float32 predictions of `predict_fn` over `image` (X, Y, Z, C).
 
   `predict_fn(batch (B, px, py, pz, C)) -> (B, px, py, pz, num_classes)` (numpy or jax) is called
@@ -112,7 +146,7 @@ def sliding_window_predict(predict_fn: Callable, image: np.ndarray, patch_size: 
   plain prediction (nnU-Net's mirroring). `mirror_channel_swaps[a]` is a permutation of the output
   channels applied after flipping axis a back: a flip along the left-right axis turns left structures
   into right ones, so a network trained with that mirroring (and the swap) predicts them swapped.
-  `progress(done, total)` counts patches.
+  `progress(done, total)` counts patches. `mode` 'spineps' weighs and sums as SPINEPS (module docstring).
   """
   image = np.asarray(image, np.float32)
   patch_size = tuple(int(p) for p in patch_size)
@@ -122,11 +156,19 @@ def sliding_window_predict(predict_fn: Callable, image: np.ndarray, patch_size: 
     raise ValueError(f'batch_size must be at least 1, got {batch_size}')
   padded, crop = pad_to_patch(image, patch_size, pad_value)
   starts = list(itertools.product(*sliding_window_steps(padded.shape[:3], patch_size, step_size)))
-  weight = gaussian_importance_map(patch_size) if use_gaussian else np.ones(patch_size, np.float32)
+  if mode not in WINDOW_MODES:
+    raise ValueError(f'sliding-window mode must be one of {WINDOW_MODES}, got {mode!r}')
+  half = mode == SPINEPS_MODE
+  if not use_gaussian:
+    weight = np.ones(patch_size, np.float16 if half else np.float32)
+  else:
+    weight = spineps_importance_map(patch_size) if half else gaussian_importance_map(patch_size)
   flips = mirror_combinations(mirror_axes)
   swaps = _channel_swaps(mirror_channel_swaps, num_classes)
-  summed = np.zeros(padded.shape[:3] + (num_classes,), np.float32)
-  weights = np.zeros(padded.shape[:3], np.float32)
+  accumulator = np.float16 if half else np.float32
+  summed = np.zeros(padded.shape[:3] + (num_classes,), accumulator)
+  weights = np.zeros(padded.shape[:3], accumulator)
+  weight32 = weight.astype(np.float32)[..., None]
 
   def windows(batch_starts):
     return tuple(tuple(slice(s, s + p) for s, p in zip(start, patch_size)) for start in batch_starts)
@@ -151,7 +193,7 @@ def sliding_window_predict(predict_fn: Callable, image: np.ndarray, patch_size: 
     if len(flips) > 1:
       prediction = prediction / np.float32(len(flips))
     for i, window in enumerate(windows(batch_starts)):
-      summed[window] += prediction[i] * weight[..., None]
+      summed[window] += prediction[i] * weight32  # float32 products, rounded into float16 sums in 'spineps'
       weights[window] += weight
 
   batches = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
@@ -165,4 +207,4 @@ def sliding_window_predict(predict_fn: Callable, image: np.ndarray, patch_size: 
       if progress is not None:
         progress(done, len(starts))
     previous = current
-  return np.ascontiguousarray((summed / weights[..., None])[crop])
+  return np.ascontiguousarray((summed / weights[..., None])[crop], np.float32)

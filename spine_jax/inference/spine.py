@@ -101,6 +101,24 @@ def _dedupe(messages) -> list[str]:
   return list(dict.fromkeys(messages))
 
 
+def instances_to_input_grid(model_instances: np.ndarray, space: spatial.ModelSpace,
+                            semantic_space: spatial.ModelSpace | None = None) -> np.ndarray:
+  """Phase 2's instances from the instance grid (`space`) onto the scan's grid, by nearest neighbour.
+
+  Without `semantic_space`, `space` was made from the input grid and undoes itself. With it, `space` was made
+  from the semantic model's grid: on SPINEPS' grid the mask goes from the instance grid straight to the scan's
+  grid in one pass, as seg_run.py:670 `whole_vert_nii.resample_from_to(input_nii_)` does (a second pass through
+  the semantic grid moved 28% of the vertebra voxels of a 1.65 mm scan); otherwise back through that grid.
+  """
+  if semantic_space is None:
+    return spatial.from_model_space(model_instances, space, is_mask=True)
+  if space.grid == spatial.SPINEPS_GRID:
+    return spatial.resample_affine(model_instances, space.model_affine, semantic_space.input_affine,
+                                   semantic_space.input_shape, order=0)
+  return spatial.from_model_space(spatial.from_model_space(model_instances, space, is_mask=True), semantic_space,
+                                  is_mask=True)
+
+
 def instances_in_input_space(semantic: np.ndarray, affine: np.ndarray, instance_model: Model, cfg=None, *,
                              name="scan", predict_fn=None, semantic_space: spatial.ModelSpace | None = None,
                              model_semantic: np.ndarray | None = None, return_semantic: bool = False) -> tuple:
@@ -128,9 +146,7 @@ def instances_in_input_space(semantic: np.ndarray, affine: np.ndarray, instance_
                                                   grid=spatial.grid_of(prep), name=name)
   run = phase2.instance_mask if spineps_mode else phase2.segment_instances
   model_instances, messages = run(model_mask, predict_fn or instance_model.fn, cfg, spacing=space.model_spacing)
-  coarse = spatial.from_model_space(model_instances, space, is_mask=True)
-  if model_semantic is not None:
-    coarse = spatial.from_model_space(coarse, semantic_space, is_mask=True)
+  coarse = instances_to_input_grid(model_instances, space, semantic_space if model_semantic is not None else None)
   if spineps_mode:  # seg_run.py:656-693: both masks resampled to the input grid, then cleaned together there
     semantic, out, more = joint_postprocess.postprocess_combined(semantic, coarse, affine,
                                                                  first_vertebra=cfg.first_vertebra)
@@ -231,7 +247,7 @@ def segment_file(semantic_model: Model, instance_model: Model, path, paths: dict
                  progress=None, input_digest: str | None = None) -> dict:
   """Phases 1 and 2 on a NIfTI file, its four outputs written to `paths` (`output_paths`); returns the result.
   `input_digest` (`batch.file_digest` of the file) is recorded in the outputs."""
-  image, affine, header = nifti.load_nifti(path)
+  image, affine, header = semantic_lib.load_scan(path, semantic_model.config)
   result = segment_spine(image, affine, semantic_model, instance_model, first_vertebra=first_vertebra,
                          name=str(path), progress=progress)
   meta = {"input": str(path), "semantic_checkpoint": semantic_model.checkpoint,

@@ -163,3 +163,10 @@ def test_command_converts_the_pair_for_predict_spine(unet3d, tmp_path):
   sem, inst = spine.load_spine_models(out / "semantic", out / "instance")
   assert sem.config.task == "semantic" and inst.config.task == "instance"
   assert tuple(inst.config.inference.cutout_size) == CUTOUT
+  # SPINEPS' defects stay out unless asked for (BUILD_NOTES.md, SPINEPS parity)
+  assert sem.config.inference.sliding_window_mode == "spine_jax" and not inst.config.inference.abort_on_empty_couple
+  run = cli(f"--semantic_folder={semantic.parent}", f"--instance_folder={instance.parent}", f"--output={out}",
+            "--overwrite", "--spineps_defects")
+  assert run.returncode == 0, run.stderr
+  sem, inst = spine.load_spine_models(out / "semantic", out / "instance")
+  assert sem.config.inference.sliding_window_mode == "spineps" and inst.config.inference.abort_on_empty_couple

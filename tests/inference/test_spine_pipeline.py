@@ -290,3 +290,47 @@ def test_blank_image_message():
   assert semantic_lib.blank_image_message(np.zeros((4, 4, 4))) == ("the input image is blank (every voxel is 0): "
                                                             "nothing to segment")
   assert semantic_lib.blank_image_message(np.arange(8.0).reshape(2, 2, 2)) is None
+
+
+def test_spineps_instances_reach_the_input_grid_in_one_pass_as_tptbox_resample_from_to():
+  """seg_run.py:670: SPINEPS puts the instance-grid mask on the scan's grid with one `resample_from_to`."""
+  from tests import spineps_oracle
+  reason = spineps_oracle.available()
+  if reason:
+    pytest.skip(reason)
+  rng = np.random.default_rng(7)
+  affine = np.diag([-0.75, -0.75, 3.3, 1.0])  # LPS, 3.3 mm slices
+  affine[:3, 3] = (40.0, -12.5, 71.2)
+  image = rng.normal(500, 100, (48, 80, 14)).astype(np.float32)
+  _, sem_space = spatial.to_model_space(image, affine, axcodes=spatial.PIR, spacing=(1.5, 0.75, 1.65),
+                                        grid=spatial.SPINEPS_GRID, input_pad=4)
+  _, inst_space = spatial.mask_to_model_space(np.zeros(sem_space.target_shape, np.uint8), sem_space.model_affine,
+                                              axcodes=spatial.PIR, spacing=(2.25, 2.25, 3.3), grid=spatial.SPINEPS_GRID)
+  instances = rng.choice(np.array([0, 2, 3, 4, 102, 203], np.uint16), size=inst_space.target_shape)
+  ref = spineps_oracle.call("worker.resample_back", {"mask": instances, "mask_affine": inst_space.model_affine,
+                                                      "target": image, "target_affine": affine})["array"]
+  np.testing.assert_array_equal(spine.instances_to_input_grid(instances, inst_space, sem_space), ref)
+  two_passes = spatial.from_model_space(spatial.from_model_space(instances, inst_space), sem_space)
+  assert np.mean(two_passes != ref) > 0.05  # the route it replaced
+
+
+def test_spine_reads_a_scan_as_its_semantic_model_does(tmp_path, monkeypatch):
+  """SPINEPS' normalisation works in the file's stored integer dtype (it truncates): `predict spine` must hand
+  phase 1 the same array as `predict semantic` (a float copy changed most of a 1.65 mm scan's masks)."""
+  import ml_collections
+  path = tmp_path / "int_T2w.nii.gz"
+  nib.save(nib.Nifti1Image(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), np.eye(4)), path)
+  config = ml_collections.ConfigDict({"data": {"preprocess": {"normalisation": "spineps", "bias_field": "none"}}})
+  image, _, _ = semantic_lib.load_scan(path, config)
+  assert image.dtype == np.int16
+  seen = {}
+
+  def fake_segment_spine(image, affine, *args, **kwargs):
+    seen["dtype"] = image.dtype
+    raise RuntimeError("stop")
+
+  monkeypatch.setattr(spine, "segment_spine", fake_segment_spine)
+  model = spine.Model(None, config, None, None, "fake")
+  with pytest.raises(RuntimeError, match="stop"):
+    spine.segment_file(model, model, path, {})
+  assert seen["dtype"] == np.int16
