@@ -3,15 +3,18 @@
   python bench/spineps_parity.py --semantic_checkpoint=RUN --instance_checkpoint=RUN --output=DIR \
       [--phantoms=2] [--no_n4]
 
-1. The two models are exported as SPINEPS model folders (`convert export_spineps`) and converted back
-   (`convert spineps`), so spine_jax runs them with the settings it reads from SPINEPS folders.
+1. The two models are exported as SPINEPS model folders (`convert export_spineps`) and converted back twice
+   (`convert spineps`): as a user gets them (spine_jax's corrections of SPINEPS' defects on) and with
+   `--spineps_defects` (SPINEPS' float16 window weights and its abort on an empty couple kept).
 2. Scans: phantoms written in PIR, LPS and RAS (one set with 3.3 mm sagittal slices) and the real T2w MRI
    that the TPTBox wheel ships.
-3. `spineps sample` (in SPINEPS' own environment, scripts/spineps_env.sh; CPU; no crop model; no labelling
-   model) and `python -m spine_jax.predict spine`, each timed as a whole command per scan set.
+3. `python -m spine_jax.predict spine` over the scans' folder with each pair of bundles (one command each,
+   as a user runs a batch), then SPINEPS in its own environment: `spineps sample ... -ml none --cpu --no-crop`
+   per scan, in one process that loads the models once (tests/spineps_worker.py `timed_samples`).
 4. Per scan: Dice of every semantic structure present in either mask, and per vertebra id the Dice of that
-   id in both instance masks (so a different numbering shows as low Dice). Written to DIR/parity.json and
-   printed as a table.
+   id in both instance masks (so a different numbering shows as low Dice), for both spine_jax runs. Times:
+   each side's whole run, and per step (spine_jax's from the centroid JSON's `seconds`, SPINEPS' from its
+   seg_run.py steps). Written to DIR/parity.json and printed as tables.
 """
 from __future__ import annotations
 
@@ -64,26 +67,60 @@ def write_scans(folder: pathlib.Path, phantoms: int) -> list[pathlib.Path]:
   return out
 
 
-def run_spineps(scans, models: pathlib.Path, n4: bool) -> float:
+def run_spineps(scans, models: pathlib.Path, n4: bool) -> dict:
+  """SPINEPS on every scan in one process: {total_s, startup_s, steps: {step: seconds summed over scans}, errors}."""
   start = time.perf_counter()
-  for scan in scans:
-    args = ["sample", "-i", str(scan), "-ms", str(models / "semantic"), "-mi", str(models / "instance"),
-            "-ml", "none", "--cpu", "--no-crop"] + ([] if n4 else ["--no-n4"])
-    done = spineps_oracle.run_cli(args)
-    (scan.parent / "spineps.log").write_text(done.stdout + done.stderr)
-  return time.perf_counter() - start
+  out = spineps_oracle.call("worker.timed_samples", {}, _timeout=6 * 3600, scans=[str(s) for s in scans],
+                            semantic=str(models / "semantic"), instance=str(models / "instance"), n4=n4)
+  total = time.perf_counter() - start
+  steps = {}
+  for key, value in out.items():
+    index, _, step = key.partition("/")
+    if step.endswith("_s") and step != "total_s":
+      steps[step[:-2]] = steps.get(step[:-2], 0.0) + float(value)
+  errors = {scans[int(k.partition("/")[0])].parent.name: str(v) for k, v in out.items()
+            if k.endswith("/errcode") and not str(v).endswith(("OK", "ALL_DONE"))}
+  return {"total_s": total, "startup_s": float(out["startup_s"]), "steps": steps, "errors": errors}
 
 
-def run_spine_jax(folder: pathlib.Path, bundles: pathlib.Path, output: pathlib.Path, n4: bool) -> float:
-  """One `predict spine` over the folder of scans (one start-up and compilation for all, as a user runs it)."""
+def run_spine_jax(folder: pathlib.Path, bundles: pathlib.Path, output: pathlib.Path, n4: bool) -> dict:
+  """One `predict spine` over the folder of scans (one start-up and compilation for all, as a user runs it):
+  {total_s, steps: {step: seconds summed over scans from the centroid JSONs}}."""
   start = time.perf_counter()
   done = subprocess.run([sys.executable, "-m", "spine_jax.predict", "spine",
                          f"--semantic_checkpoint={bundles / 'semantic'}",
                          f"--instance_checkpoint={bundles / 'instance'}", f"--input={folder}", f"--output={output}",
                          "--overwrite"] + ([] if n4 else ["--no_n4"]), capture_output=True, text=True, cwd=ROOT)
+  total = time.perf_counter() - start
   output.mkdir(parents=True, exist_ok=True)
   (output / "predict.log").write_text(done.stdout + done.stderr)
-  return time.perf_counter() - start
+  steps: dict[str, float] = {}
+  for path in output.rglob("*_ctd.json"):
+    for step, value in json.loads(path.read_text()).get("seconds", {}).items():
+      steps[step] = steps.get(step, 0.0) + float(value)
+  return {"total_s": total, "returncode": done.returncode, "steps": steps}
+
+
+# Steps of the two pipelines that do the same work (spine_jax's resampling to the model grid is in its
+# preprocess, SPINEPS' in its semantic step, so the two are compared together).
+PHASES = {"phase 1 (N4, resampling, network, clean-up)": (("preprocess", "semantic_network", "semantic_cleanup"),
+                                                          ("preprocess", "semantic")),
+          "phase 2 (instances)": (("instance",), ("instance",)),
+          "joint post-processing": (("postprocess",), ("postprocess",)),
+          "centroids": (("centroids",), ("centroids",))}
+
+
+def phase_table(ours: dict, theirs: dict) -> list[dict]:
+  rows = []
+  for phase, (our_steps, their_steps) in PHASES.items():
+    a = sum(ours["steps"].get(s, 0.0) for s in our_steps)
+    b = sum(theirs["steps"].get(s, 0.0) for s in their_steps)
+    rows.append({"phase": phase, "spine_jax_s": round(a, 1), "spineps_s": round(b, 1),
+                 "ratio": round(a / b, 2) if b else None})
+  a, b = ours["total_s"], theirs["total_s"]
+  rows.append({"phase": "whole run (start-up, compilation, files included)", "spine_jax_s": round(a, 1),
+               "spineps_s": round(b, 1), "ratio": round(a / b, 2)})
+  return rows
 
 
 def _load(path):
@@ -98,7 +135,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def compare(scan: pathlib.Path, ours_dir: pathlib.Path) -> dict:
   theirs = {kind: next(iter(sorted(scan.parent.rglob(f"*seg-{kind}_msk.nii.gz"))), None) for kind in ("spine", "vert")}
   ours = {kind: next(iter(sorted(ours_dir.rglob(f"*seg-{kind}_msk.nii.gz"))), None) for kind in ("spine", "vert")}
-  row = {"scan": scan.parent.name}
+  row = {}
   for kind in ("spine", "vert"):
     a, b = _load(theirs[kind]), _load(ours[kind])
     if a is None or b is None:
@@ -111,6 +148,14 @@ def compare(scan: pathlib.Path, ours_dir: pathlib.Path) -> dict:
     names = (lambda i: spine_labels.structure_name(i)) if kind == "spine" else str
     row[kind] = {names(i): round(dice(a == i, b == i), 4) for i in ids}
   return row
+
+
+def _summary(scores: dict) -> str:
+  finite = [v for v in scores.values() if isinstance(v, float) and v == v]
+  if not finite:
+    return json.dumps(scores)
+  worst = min(scores, key=lambda k: scores[k] if isinstance(scores[k], float) and scores[k] == scores[k] else 2)
+  return f"{np.mean(finite):.4f} / {min(finite):.4f} ({worst})"
 
 
 def main() -> int:
@@ -132,21 +177,31 @@ def main() -> int:
                              instance_checkpoint=args.instance_checkpoint)
   spineps.convert_pair(out / "bundles", semantic_folder=out / "models" / "semantic",
                        instance_folder=out / "models" / "instance", trust_pickle=True)
+  spineps.convert_pair(out / "bundles_spineps_defects", semantic_folder=out / "models" / "semantic",
+                       instance_folder=out / "models" / "instance", trust_pickle=True, spineps_defects=True)
   scans = write_scans(out / "scans", args.phantoms)
+  n4 = not args.no_n4
   # spine_jax first: its batch run searches the scans' folder, where SPINEPS then writes its derivatives.
-  times = {"spine_jax_s": run_spine_jax(out / "scans", out / "bundles", out / "spine_jax", n4=not args.no_n4),
-           "spineps_s": run_spineps(scans, out / "models", not args.no_n4)}
-  rows = [compare(scan, out / "spine_jax" / scan.parent.name) for scan in scans]
-  report = {"scans": len(scans), "n4": not args.no_n4, **times, "rows": rows}
+  runs = {"spine_jax": run_spine_jax(out / "scans", out / "bundles", out / "spine_jax", n4),
+          "spine_jax_defects": run_spine_jax(out / "scans", out / "bundles_spineps_defects",
+                                             out / "spine_jax_defects", n4)}
+  theirs = run_spineps(scans, out / "models", n4)
+  rows = [{"scan": scan.parent.name, **{name: compare(scan, out / name / scan.parent.name) for name in runs}}
+          for scan in scans]
+  phases = phase_table(runs["spine_jax"], theirs)
+  report = {"scans": len(scans), "n4": n4, "spineps": theirs, **runs, "phases": phases, "rows": rows}
   (out / "parity.json").write_text(json.dumps(report, indent=2))
-  print(f"{len(scans)} scans; SPINEPS {times['spineps_s']:.1f} s, spine_jax {times['spine_jax_s']:.1f} s "
-        f"(ratio {times['spine_jax_s'] / times['spineps_s']:.2f})")
+  print(f"{len(scans)} scans, N4 {'on' if n4 else 'off'}; Dice of each structure / vertebra id, mean / worst:")
+  print("| scan | semantic | instances | semantic, --spineps_defects | instances, --spineps_defects |")
+  print("|---|---|---|---|---|")
   for row in rows:
-    for kind in ("spine", "vert"):
-      scores = row[kind]
-      finite = [v for v in scores.values() if isinstance(v, float) and v == v]
-      summary = f"min {min(finite):.3f} mean {np.mean(finite):.3f}" if finite else json.dumps(scores)
-      print(f"  {row['scan']:28s} {kind:5s} {summary}  {json.dumps(scores)[:200]}")
+    cells = [_summary(row[name][kind]) for name in runs for kind in ("spine", "vert")]
+    print(f"| {row['scan']} | " + " | ".join(cells) + " |")
+  print("\n| step | spine_jax s | SPINEPS s | spine_jax / SPINEPS |\n|---|---|---|---|")
+  for r in phases:
+    print(f"| {r['phase']} | {r['spine_jax_s']} | {r['spineps_s']} | {r['ratio']} |")
+  print(f"SPINEPS start-up (imports, models) {theirs['startup_s']:.1f} s; --spineps_defects run "
+        f"{runs['spine_jax_defects']['total_s']:.1f} s; SPINEPS errors: {theirs['errors'] or 'none'}")
   return 0
 
 

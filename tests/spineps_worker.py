@@ -406,6 +406,52 @@ def semantic_logits(data: np.ndarray, folder: str, step_size: float | None = Non
   return {"logits": logits, "labels": logits.argmax(0).astype(np.uint8)}
 
 
+def timed_samples(scans: list[str], semantic: str, instance: str, n4: bool = True) -> dict[str, np.ndarray]:
+  """`spineps sample -i SCAN -ms SEMANTIC -mi INSTANCE -ml none --cpu --no-crop [--no-n4]` for each scan in one
+  process (entrypoint.py `run_sample`'s `segment_image` arguments; models loaded once, as `spineps dataset` does),
+  with the wall time of each of seg_run.py's steps. Returns startup_s (imports and model loading), and per scan
+  i: i/total_s, i/errcode and i/<step>_s for preprocess (preprocess_input: N4 and normalisation),
+  semantic (predict_semantic_mask: resampling, network, clean-up), instance (predict_instance_mask),
+  postprocess (phase_postprocess_combined) and centroids (predict_centroids_from_both)."""
+  import time
+  start = time.perf_counter()
+  from spineps import seg_run
+  from spineps.get_models import get_actual_model
+  from TPTBox import BIDS_FILE
+  models = [get_actual_model(folder, use_cpu=True).load() for folder in (semantic, instance)]
+  out = {"startup_s": np.asarray(time.perf_counter() - start)}
+  steps = {"preprocess": "preprocess_input", "semantic": "predict_semantic_mask",
+           "instance": "predict_instance_mask", "postprocess": "phase_postprocess_combined",
+           "centroids": "predict_centroids_from_both"}
+  spent: dict[str, float] = {}
+
+  def timed(step, fn):
+    def run(*args, **kwargs):
+      begin = time.perf_counter()
+      try:
+        return fn(*args, **kwargs)
+      finally:
+        spent[step] = spent.get(step, 0.0) + time.perf_counter() - begin
+    return run
+
+  for step, name in steps.items():
+    setattr(seg_run, name, timed(step, getattr(seg_run, name)))
+  for i, scan in enumerate(scans):
+    spent.clear()
+    begin = time.perf_counter()
+    _, errcode = seg_run.segment_image(
+        img_ref=BIDS_FILE(scan, dataset=str(pathlib.Path(scan).parent), verbose=False), model_semantic=models[0],
+        model_instance=models[1], model_labeling=None, derivative_name="derivatives_seg", save_softmax_logits=False,
+        save_debug_data=False, save_modelres_mask=False, override_semantic=False, override_instance=False,
+        override_postpair=False, override_ctd=False, proc_sem_crop_input=False, proc_sem_n4_bias_correction=n4,
+        proc_lab_force_no_tl_anomaly=False, proc_inst_batch_size=4, proc_inst_amp=False, proc_sem_step_size=None,
+        ignore_compatibility_issues=False, verbose=False)
+    out[f"{i}/total_s"] = np.asarray(time.perf_counter() - begin)
+    out[f"{i}/errcode"] = np.asarray(str(errcode))
+    out.update({f"{i}/{step}_s": np.asarray(spent.get(step, 0.0)) for step in steps})
+  return out
+
+
 # --- The harness. ---------------------------------------------------------------------------------------------
 
 

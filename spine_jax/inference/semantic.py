@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 
@@ -56,15 +57,23 @@ class SemanticResult:
 
 
 def segment_array(state, config, mesh, image: np.ndarray, affine: np.ndarray, *, name="scan",
-                  logits_fn=None, progress=None) -> SemanticResult:
-  """An image already in memory (with its affine) -> semantic mask on the same grid."""
+                  logits_fn=None, progress=None, seconds: dict | None = None) -> SemanticResult:
+  """An image already in memory (with its affine) -> semantic mask on the same grid.
+
+  `seconds`, when given, receives the wall time of each step: preprocess (N4, resampling, normalisation),
+  semantic_network (the sliding window) and semantic_cleanup (post-processing and the way back)."""
+  seconds = {} if seconds is None else seconds
+  start = time.perf_counter()
   vol = volumes.prepare_scan(image, affine, config.data.preprocess, name=name)
   logits_fn = logits_fn or predict_lib.semantic_logits_fn(state, mesh)
+  seconds["preprocess"], start = time.perf_counter() - start, time.perf_counter()
   indices = predict_prepared(logits_fn, vol, config, progress=progress)
+  seconds["semantic_network"], start = time.perf_counter() - start, time.perf_counter()
   ids = spine_labels.indices_to_ids(indices)
   post_cfg = config.get("postprocess") or semantic_postprocess.default_postprocess_config()
   ids = semantic_postprocess.postprocess_semantic(ids, vol.spacing, post_cfg).astype(np.uint8)
   mask = spatial.from_model_space(ids, vol.model_space, is_mask=True).astype(np.uint8)
+  seconds["semantic_cleanup"] = time.perf_counter() - start
   return SemanticResult(mask, np.asarray(affine), None, vol.image, ids, vol)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import time
 from typing import Any, Callable
 
 import ml_collections
@@ -113,15 +114,17 @@ def instances_to_input_grid(model_instances: np.ndarray, space: spatial.ModelSpa
   if semantic_space is None:
     return spatial.from_model_space(model_instances, space, is_mask=True)
   if space.grid == spatial.SPINEPS_GRID:
-    return spatial.resample_affine(model_instances, space.model_affine, semantic_space.input_affine,
-                                   semantic_space.input_shape, order=0)
+    return spatial.resample_affine(model_instances, space.model_affine,
+                                   spatial.tptbox_grid_affine(semantic_space.input_affine), semantic_space.input_shape,
+                                   order=0)
   return spatial.from_model_space(spatial.from_model_space(model_instances, space, is_mask=True), semantic_space,
                                   is_mask=True)
 
 
 def instances_in_input_space(semantic: np.ndarray, affine: np.ndarray, instance_model: Model, cfg=None, *,
                              name="scan", predict_fn=None, semantic_space: spatial.ModelSpace | None = None,
-                             model_semantic: np.ndarray | None = None, return_semantic: bool = False) -> tuple:
+                             model_semantic: np.ndarray | None = None, return_semantic: bool = False,
+                             seconds: dict | None = None) -> tuple:
   """Phase 2 on an input-grid semantic mask: (instance mask with SPINEPS ids on the same grid (int16), messages),
   or with `return_semantic` (instances, semantic mask as post-processed (uint8), messages).
 
@@ -132,7 +135,10 @@ def instances_in_input_space(semantic: np.ndarray, affine: np.ndarray, instance_
   'spineps' hands the raw instances (`phase2.instance_mask`, as SPINEPS' instance phase) to SPINEPS'
   joint post-processing (`joint_postprocess`), which also rewrites the semantic mask; 'spine_jax'
   relabels the model-space result with `label_spine` and leaves the semantic mask as it came.
+  `seconds`, when given, receives the wall time of phase 2 (instance) and of the relabelling (postprocess).
   """
+  seconds = {} if seconds is None else seconds
+  start = time.perf_counter()
   cfg = cfg if cfg is not None else phase2_config(instance_model)
   mode = cfg.get("postprocess_mode", phase2_common.SPINE_JAX_MODE)
   if mode not in phase2_common.PHASE2_MODES:
@@ -147,6 +153,7 @@ def instances_in_input_space(semantic: np.ndarray, affine: np.ndarray, instance_
   run = phase2.instance_mask if spineps_mode else phase2.segment_instances
   model_instances, messages = run(model_mask, predict_fn or instance_model.fn, cfg, spacing=space.model_spacing)
   coarse = instances_to_input_grid(model_instances, space, semantic_space if model_semantic is not None else None)
+  seconds["instance"], start = time.perf_counter() - start, time.perf_counter()
   if spineps_mode:  # seg_run.py:656-693: both masks resampled to the input grid, then cleaned together there
     semantic, out, more = joint_postprocess.postprocess_combined(semantic, coarse, affine,
                                                                  first_vertebra=cfg.first_vertebra)
@@ -160,24 +167,27 @@ def instances_in_input_space(semantic: np.ndarray, affine: np.ndarray, instance_
         reassign_articular=bool(cfg.reassign_articular), assign_missing=bool(cfg.assign_missing))
     out = nifti.undo_reorientation(labelled, reorientation).astype(np.int16)
   messages = _dedupe(messages + [f"on the input grid: {m}" for m in more])
+  seconds["postprocess"] = time.perf_counter() - start
   return (out, semantic, messages) if return_semantic else (out, messages)
 
 
 def segment_spine(image: np.ndarray, affine: np.ndarray, semantic_model: Model, instance_model: Model, *,
                   first_vertebra=None, name="scan", progress: Callable | None = None) -> dict:
-  """Phases 1 and 2 on an image in memory: {semantic, instance, centroids, messages}.
+  """Phases 1 and 2 on an image in memory: {semantic, instance, centroids, messages, seconds}.
 
   `semantic` (uint8 SPINEPS ids) and `instance` (int16: vertebrae 1-28, discs 100 + X, endplates
   200 + X) lie on the image's own grid (shape of `image`, `affine`); `centroids` is
   `instance.centroids` (world mm); `messages` are phase 2's warnings (no vertebral body, a single
   vertebra, fused bodies ...). `first_vertebra` (id or level name) overrides the instance config's
   numbering start. `progress(stage, done, total)` hears of sliding windows ('windows', done, total)
-  and cutouts ('cutouts', done, None).
+  and cutouts ('cutouts', done, None). `seconds` is the wall time of each step (preprocess,
+  semantic_network, semantic_cleanup, instance, postprocess, centroids).
   """
   affine = np.asarray(affine, np.float64)
+  seconds: dict[str, float] = {}
   windows = (lambda d, t: progress("windows", d, t)) if progress else None
   sem = semantic_lib.segment_array(semantic_model.state, semantic_model.config, semantic_model.mesh, image, affine,
-                                   name=name, logits_fn=semantic_model.fn, progress=windows)
+                                   name=name, logits_fn=semantic_model.fn, progress=windows, seconds=seconds)
   predict = _counting(instance_model.fn, lambda d: progress("cutouts", d, None)) if progress else None
   cfg = phase2_config(instance_model, first_vertebra)
   # SPINEPS' models (both on its grid) run phase 2 on phase 1's model-resolution mask, as seg_run.py does.
@@ -186,11 +196,14 @@ def segment_spine(image: np.ndarray, affine: np.ndarray, semantic_model: Model, 
   instances, semantic, messages = instances_in_input_space(
       sem.mask, affine, instance_model, cfg, name=name, predict_fn=predict,
       semantic_space=sem.volume.model_space if at_model_resolution else None,
-      model_semantic=sem.model_mask if at_model_resolution else None, return_semantic=True)
+      model_semantic=sem.model_mask if at_model_resolution else None, return_semantic=True, seconds=seconds)
   if blank := semantic_lib.blank_image_message(image):
     messages = [blank, *messages]
-  return {"semantic": semantic, "instance": instances, "centroids": phase2.centroids(instances, semantic, affine),
-          "messages": messages}
+  start = time.perf_counter()
+  centroids = phase2.centroids(instances, semantic, affine)
+  seconds["centroids"] = time.perf_counter() - start
+  return {"semantic": semantic, "instance": instances, "centroids": centroids, "messages": messages,
+          "seconds": {k: round(v, 3) for k, v in seconds.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +268,7 @@ def segment_file(semantic_model: Model, instance_model: Model, path, paths: dict
           "first_vertebra": int(phase2_config(instance_model, first_vertebra).first_vertebra)}
   if input_digest:
     meta["input_sha256"] = input_digest
+  meta["seconds"] = result["seconds"]
   write_outputs(result, image, affine, paths, header=header, meta=meta,
                 description=batch.nifti_description(input_digest) if input_digest else None)
   return result

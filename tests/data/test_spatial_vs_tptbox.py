@@ -36,20 +36,24 @@ def _affine(axcodes, spacing, origin, rotation_deg=(0.0, 0.0, 0.0)):
   return affine
 
 
-# (axcodes, shape, spacing mm, rotation): 3.3 mm slices in three orientations, an oblique scan, and one within
-# 0.001 mm of the model's spacing (TPTBox keeps its grid).
+# (axcodes, shape, spacing mm, rotation): 3.3 mm slices in three orientations, an oblique scan, one within
+# 0.001 mm of the model's spacing (TPTBox keeps its grid), and one at half the model's spacing.
 CASES = {
     'LPS': (('L', 'P', 'S'), (40, 64, 15), (0.9, 0.9, 3.3), (0.0, 0.0, 0.0)),
     'RAS': (('R', 'A', 'S'), (15, 48, 40), (3.3, 0.9, 0.9), (0.0, 0.0, 0.0)),
     'PIR': (('P', 'I', 'R'), (64, 40, 15), (0.9, 0.9, 3.3), (0.0, 0.0, 0.0)),
     'oblique SLP': (('S', 'L', 'P'), (30, 20, 36), (1.1, 3.0, 0.6), (8.0, -12.0, 5.0)),
     'kept PIR': (('P', 'I', 'R'), (24, 30, 10), (0.7505, 0.75, 1.65), (0.0, 0.0, 0.0)),
+    # every other input voxel lies exactly halfway between two model voxels: ties decided by the affines' last bits
+    'halved PIR': (('P', 'I', 'R'), (64, 40, 12), (0.375, 0.75, 1.65), (0.0, 0.0, 0.0)),
 }
 
 
 def _scan(case: str):
   axcodes, shape, spacing, rotation = CASES[case]
-  affine = _affine(axcodes, spacing, origin=(-31.7, 18.25, 102.4), rotation_deg=rotation)
+  # As a NIfTI file stores it (float32): origins then sit off TPTBox's 7-decimal grid (spatial.tptbox_grid_affine).
+  affine = _affine(axcodes, spacing, origin=(-31.7, 18.2, 102.4), rotation_deg=rotation).astype(np.float32)
+  affine = affine.astype(np.float64)
   rng = np.random.default_rng(sorted(CASES).index(case))
   image = (ndimage.gaussian_filter(rng.normal(size=shape), 1.5) * 3000 + 700).astype(np.float32)
   mask = rng.choice(np.array([0, 41, 49, 60, 61, 100], np.uint8), size=shape)
