@@ -20,7 +20,10 @@ mask already exists are skipped (--overwrite redoes them); each failure is repor
 `spine` runs SPINEPS phases 1 and 2 (inference/spine.py) and writes, side by side, <name>_seg-spine_msk.nii.gz
 (semantic), <name>_seg-vert_msk.nii.gz (numbered instances), <name>_seg-spine_ctd.json (centroids and phase
 2's warnings) and <name>_seg-spine_snp.png. Scans with all four are skipped unless --overwrite; a failed scan
-leaves none. With a reference instance mask, instance metrics are printed per scan.
+leaves none. With a reference instance mask, instance metrics are printed per scan. --output_format=spineps
+writes SPINEPS' own names into a derivatives_seg folder (sub-01_T2w.nii.gz -> derivatives_seg/
+sub-01_mod-T2w_seg-spine_msk.nii.gz, ...) and the centroids as SPINEPS' TPTBox POI file
+(inference/spineps_outputs.py).
 """
 from __future__ import annotations
 
@@ -63,6 +66,11 @@ _REF_DIR = flags.DEFINE_string(
     "ref_dir", None, "spine: folder of reference instance masks, <name>_seg-vert_msk.nii.gz (or with the name's "
     "last _suffix dropped), searched recursively; instance metrics are printed for each scan that has one.")
 
+_OUTPUT_FORMAT = flags.DEFINE_enum(
+    "output_format", "spine_jax", list(batch.OUTPUT_FORMATS),
+    "spine: 'spine_jax' writes <name>_seg-spine_msk.nii.gz, _seg-vert_msk.nii.gz, _seg-spine_ctd.json (centroids "
+    "in world mm) and _seg-spine_snp.png beside each other; 'spineps' writes SPINEPS' own names (sub-01_T2w.nii.gz "
+    "-> sub-01_mod-T2w_seg-spine_msk.nii.gz, ...) in a derivatives_seg folder, the centroids as TPTBox's POI file.")
 _DISABLE_TTA = flags.DEFINE_bool(
     "disable_tta", False, "semantic, spine: no test-time mirroring (about half the time of the checkpoint's "
     "config.inference.mirror_axes=(2,)), as nnU-Net's --disable_tta.")
@@ -191,10 +199,10 @@ class _Progress:
     print(f"\r[{self.index}/{self.total}] {self.name[-50:]:50s} {bar:40s}", end="", flush=True)
 
 
-def _plan_scans(input_path, output) -> list:
+def _plan_scans(input_path, output, output_format: str = "spine_jax") -> list:
   """Every scan of --input with its output location, and --output checked, before any model loads."""
   scans = batch.find_scans(input_path)
-  jobs = batch.plan_jobs(scans, output, root=batch.input_root(input_path))
+  jobs = batch.plan_jobs(scans, output, root=batch.input_root(input_path), output_format=output_format)
   batch.check_output_dir(output)
   return jobs
 
@@ -298,14 +306,14 @@ def run_spine() -> int:
     first = spine.parse_first_vertebra(_FIRST_VERTEBRA.value)
   except ValueError as e:
     raise app.UsageError(f"--first_vertebra: {e}") from e
-  jobs = _plan_scans(_INPUT.value, _OUTPUT.value)
+  jobs = _plan_scans(_INPUT.value, _OUTPUT.value, _OUTPUT_FORMAT.value)
   if _REF_INSTANCE.value and len(jobs) != 1:
     raise app.UsageError(f"--ref_instance is for one input scan, found {len(jobs)}; use --ref_dir")
   if _REF_DIR.value and not pathlib.Path(_REF_DIR.value).is_dir():
     raise app.UsageError(f"--ref_dir {_REF_DIR.value}: no such folder")
   references = spine.index_references(_REF_DIR.value) if _REF_DIR.value else None
   root = batch.input_root(_INPUT.value)
-  paths_of = {job: spine.output_paths(job.out_dir, job.stem) for job in jobs}
+  paths_of = {job: job.outputs() for job in jobs}
   todo, failures, skipped = _triage(jobs, lambda job: paths_of[job].values(), lambda job: paths_of[job]["semantic"])
   models = spine.load_spine_models(_SEMANTIC_CHECKPOINT.value, _INSTANCE_CHECKPOINT.value) if todo else None
   if models:
@@ -323,7 +331,7 @@ def run_spine() -> int:
       progress.file(segmented + 1, job.source.name)
       try:
         result = spine.segment_file(*models, job.source, paths, first_vertebra=first, progress=progress.stage,
-                                    input_digest=digests[job])
+                                    input_digest=digests[job], output_format=_OUTPUT_FORMAT.value)
       except (ValueError, OSError, RuntimeError, MemoryError) as e:  # bad files; a scan too large for the device
         failures.append((job.source, e))
         print(f"\nFAILED {job.source.name} (reason at the end)", file=sys.stderr, flush=True)

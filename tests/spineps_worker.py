@@ -452,6 +452,76 @@ def timed_samples(scans: list[str], semantic: str, instance: str, n4: bool = Tru
   return out
 
 
+def output_paths(names: list[str]) -> dict[str, np.ndarray]:
+  """SPINEPS' output paths for scans of these file names, as `spineps sample` makes them: entrypoint.py
+  run_sample wraps the scan as BIDS_FILE(scan, dataset=<its folder>, verbose=True) and seg_run.py
+  `output_paths_from_input` names the outputs. TPTBox learns unknown keys and formats while it reads a name,
+  into module globals; each name starts from the state after import, as one `spineps sample` per scan does.
+
+  Returns I/KEY (I: the name's place in `names`): out_spine, out_vert, out_ctd and out_snap, each relative to
+  the scan's folder."""
+  import contextlib
+  import copy
+  import io
+
+  from spineps.seg_run import output_paths_from_input
+  from TPTBox import BIDS_FILE
+  from TPTBox.core import bids_constants
+
+  keys, formats = copy.copy(bids_constants.entities_keys), list(bids_constants.formats_relaxed)
+  folder = pathlib.Path("/scans")
+  out = {}
+  for i, name in enumerate(names):
+    bids_constants.entities_keys.clear()
+    bids_constants.entities_keys.update(keys)
+    bids_constants.formats_relaxed[:] = formats
+    with contextlib.redirect_stdout(io.StringIO()):  # TPTBox prints each naming rule a name breaks
+      scan = BIDS_FILE(folder / name, dataset=folder, verbose=True)
+      paths = output_paths_from_input(scan, "derivatives_seg", None, input_format=scan.format)
+    for key in ("out_spine", "out_vert", "out_ctd", "out_snap"):
+      out[f"{i}/{key}"] = np.asarray(str(paths[key].relative_to(folder)))
+  return out
+
+
+def poi_centroids(semantic: np.ndarray, instance: np.ndarray, image_path: str, ours: str) -> dict[str, np.ndarray]:
+  """SPINEPS' centroid file for a scan's masks beside another centroid file (`ours`), both read by `POI.load`.
+
+  SPINEPS' file as seg_run.py:712-719 makes it: seg_pipeline.predict_centroids_from_both(vert_nii_clean,
+  seg_nii_clean, ...) on masks on the scan's grid (`input_nii_`, loaded from `image_path` as SPINEPS loads it),
+  then `ctd.resample_from_to(input_nii_).save(out_ctd)` (which writes nothing when there are no points).
+
+  Returns, for NAME in ref (SPINEPS') and ours: NAME/ids (n, 2: vertebra, subregion), NAME/points (n, 3),
+  NAME/direction, NAME/zoom, NAME/origin, NAME/rotation, NAME/shape; ref/written (whether SPINEPS wrote a file)."""
+  import tempfile
+
+  from spineps.seg_pipeline import predict_centroids_from_both
+  from TPTBox import NII, POI
+
+  input_nii = NII.load(image_path, seg=False)
+
+  def on_grid(array, dtype):
+    return NII((np.asarray(array).astype(dtype), input_nii.affine, input_nii.header), seg=True)
+
+  ctd = predict_centroids_from_both(on_grid(instance, np.uint16), on_grid(semantic, np.uint8),
+                                    models=[None, None, None], parameter={})
+  out = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    ref = pathlib.Path(tmp) / "spineps_ctd.json"
+    ctd.resample_from_to(input_nii).save(ref, verbose=False)
+    out["ref/written"] = np.asarray(ref.exists())
+    for name, path in (("ref", ref), ("ours", pathlib.Path(ours))):
+      if not path.exists():
+        continue
+      poi = POI.load(path)
+      items = sorted(poi.items())
+      out[f"{name}/ids"] = np.array([(v, s) for v, s, _ in items], np.int64).reshape(-1, 2)
+      out[f"{name}/points"] = np.array([p for _, _, p in items], np.float64).reshape(-1, 3)
+      out[f"{name}/direction"] = np.asarray(poi.orientation)
+      for field in ("zoom", "origin", "rotation", "shape"):
+        out[f"{name}/{field}"] = np.asarray(getattr(poi, field), np.float64)
+  return out
+
+
 # --- The harness. ---------------------------------------------------------------------------------------------
 
 

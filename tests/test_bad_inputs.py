@@ -315,6 +315,8 @@ def test_predict_usage_errors(tmp_path):
              "--step_size must be in (0, 1]")
   _one_error(_run("predict", "bone_quality", "--checkpoint=c", "--image=a", "--mask=b", "--scheme=nope", f"--output={tmp_path}"),
              "--scheme")
+  _one_error(_run("predict", "spine", "--semantic_checkpoint=s", "--instance_checkpoint=i", "--input=i",
+                  f"--output={tmp_path}", "--output_format=bids"), "--output_format=bids", "<spine_jax|spineps>")
 
 
 def test_predict_flags_checked_before_loading_a_model(tmp_path):

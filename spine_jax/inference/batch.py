@@ -6,6 +6,10 @@ BIDS derivatives do, so outputs never collide; inputs that would still share an 
 and `a.nii.gz` side by side) stop the run before any work, named. Each output set records the SHA-256 of
 the input it was made from, so "already done" means done for this input, and outputs made from another
 input are never overwritten without `--overwrite`.
+
+`predict spine --output_format=spineps` names a scan's outputs as SPINEPS does (`spineps_outputs`) and puts
+them in a `derivatives_seg` folder inside the scan's mirrored folder, where `spineps sample` puts them beside
+the scan: with --output the input folder itself, the paths are SPINEPS' own.
 """
 from __future__ import annotations
 
@@ -16,11 +20,14 @@ import tempfile
 from typing import Iterable
 
 from spine_jax.data import nifti
+from spine_jax.inference import spineps_outputs
 
 # The outputs of a scan, SPINEPS' derivative names after the input's stem (`predict semantic` writes the
 # semantic mask and snapshot, `predict spine` all four).
 OUTPUT_SUFFIXES = {"semantic": "_seg-spine_msk.nii.gz", "instance": "_seg-vert_msk.nii.gz",
                    "centroids": "_seg-spine_ctd.json", "snapshot": "_seg-spine_snp.png"}
+# --output_format: ours (the input's stem + OUTPUT_SUFFIXES, beside each other) or SPINEPS' names and folder.
+OUTPUT_FORMATS = ("spine_jax", "spineps")
 DIGEST_PREFIX = "spine_jax input sha256:"  # NIfTI `descrip` of a mask: 23 + 40 characters of its 80
 
 
@@ -57,17 +64,43 @@ def input_root(path) -> pathlib.Path | None:
   return path if path.is_dir() else None
 
 
+def check_output_format(output_format: str) -> str:
+  """`output_format` when it is one of OUTPUT_FORMATS, else a BatchError naming the flag: for callers of the
+  API (on the command line the flag's parser refuses other values first)."""
+  if output_format not in OUTPUT_FORMATS:
+    raise BatchError(f"--output_format {output_format!r}: expected one of {', '.join(OUTPUT_FORMATS)}")
+  return output_format
+
+
+def output_paths(out_dir, stem: str, output_format: str = "spine_jax") -> dict[str, pathlib.Path]:
+  """The four outputs of `predict spine` for an input named `stem` (semantic, instance, centroids, snapshot)
+  in `out_dir`: `stem` + OUTPUT_SUFFIXES, or SPINEPS' names (`spineps_outputs.output_names`)."""
+  if check_output_format(output_format) == "spineps":
+    return {key: pathlib.Path(out_dir) / name for key, name in spineps_outputs.output_names(stem).items()}
+  return {key: pathlib.Path(out_dir) / f"{stem}{suffix}" for key, suffix in OUTPUT_SUFFIXES.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
   """One input and where its outputs go: `out_dir / (stem + suffix)`, with `out_dir` = --output / `folder`
-  (the input's folder relative to the input root; '.' for an input outside it, or without one)."""
+  (the input's folder relative to the input root; '.' for an input outside it, or without one), and in
+  the 'spineps' output format `out_dir` = --output / `folder` / derivatives_seg with SPINEPS' names."""
   source: pathlib.Path
   out_dir: pathlib.Path
   stem: str
   folder: pathlib.PurePath = pathlib.PurePath()
+  output_format: str = "spine_jax"
 
   def path(self, suffix: str) -> pathlib.Path:
     return self.out_dir / f"{self.stem}{suffix}"
+
+  def outputs(self) -> dict[str, pathlib.Path]:
+    """`predict spine`'s four outputs of this input, in its output format."""
+    return output_paths(self.out_dir, self.stem, self.output_format)
+
+  def shown(self) -> str:
+    """The outputs in one phrase, for messages."""
+    return f"{self.path('')}*" if self.output_format == "spine_jax" else str(self.outputs()["semantic"])
 
 
 def check_name(name: str) -> str:
@@ -95,10 +128,14 @@ def check_output_dir(output, named=None) -> pathlib.Path:
   return path
 
 
-def plan_jobs(sources: Iterable[pathlib.Path], output, root=None, name: str | None = None) -> list[Job]:
+def plan_jobs(sources: Iterable[pathlib.Path], output, root=None, name: str | None = None,
+              output_format: str = "spine_jax") -> list[Job]:
   """A job per input. An input inside the folder `root` keeps its folder relative to `root` under
-  `output`; any other input writes straight into `output`. `name` replaces the stem (one input only).
-  Raises BatchError naming the inputs when two would write the same outputs."""
+  `output`; any other input writes straight into `output` (in the 'spineps' output format, into that
+  folder's derivatives_seg). `name` replaces the stem (one input only). Raises BatchError naming the
+  inputs when two would write the same outputs."""
+  check_output_format(output_format)
+  subfolder = spineps_outputs.OUTPUT_FOLDER if output_format == "spineps" else ""
   sources = [pathlib.Path(s) for s in sources]
   output = pathlib.Path(output)
   if name is not None and len(sources) != 1:
@@ -110,13 +147,14 @@ def plan_jobs(sources: Iterable[pathlib.Path], output, root=None, name: str | No
     if base is not None and source.resolve().is_relative_to(base):
       folder = pathlib.PurePath(source.resolve().parent.relative_to(base))
     stem = check_name(name) if name is not None else scan_stem(source)
-    jobs.append(Job(source, output / folder, stem, folder))
+    jobs.append(Job(source, output / folder / subfolder, stem, folder, output_format))
   seen: dict[tuple[str, str], Job] = {}
   clashes = []
   for job in jobs:
-    key = (str(job.out_dir), job.stem.lower())  # case-insensitive file systems see one file
+    # One name for one set of outputs in either format; case-insensitive file systems see one file.
+    key = (str(job.out_dir), job.outputs()["semantic"].name.lower())
     if key in seen:
-      clashes.append(f"{seen[key].source} and {job.source} -> {job.out_dir / job.stem}*")
+      clashes.append(f"{seen[key].source} and {job.source} -> {job.shown()}")
     else:
       seen[key] = job
   if clashes:

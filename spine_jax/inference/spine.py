@@ -37,6 +37,7 @@ from spine_jax.engine import predict as predict_lib
 from spine_jax.inference import batch
 from spine_jax.inference import restore
 from spine_jax.inference import semantic as semantic_lib
+from spine_jax.inference import spineps_outputs
 from spine_jax.inference.phase2 import common as phase2_common
 from spine_jax.inference.phase2 import joint_postprocess
 from spine_jax.inference.phase2 import labelling
@@ -210,9 +211,10 @@ def segment_spine(image: np.ndarray, affine: np.ndarray, semantic_model: Model, 
 # Files
 
 
-def output_paths(out_dir, stem: str) -> dict[str, pathlib.Path]:
-  """The four outputs of a scan, side by side in `out_dir`: semantic, instance, centroids, snapshot."""
-  return {key: pathlib.Path(out_dir) / f"{stem}{suffix}" for key, suffix in OUTPUT_SUFFIXES.items()}
+def output_paths(out_dir, stem: str, output_format: str = "spine_jax") -> dict[str, pathlib.Path]:
+  """The four outputs of a scan, side by side in `out_dir`: semantic, instance, centroids, snapshot
+  (`batch.output_paths`: our names, or SPINEPS' in the 'spineps' output format)."""
+  return batch.output_paths(out_dir, stem, output_format)
 
 
 def outputs_exist(paths: dict) -> bool:
@@ -227,17 +229,25 @@ def snapshot_png(image: np.ndarray, affine: np.ndarray, result: dict) -> bytes:
   return pictures.figure_png_bytes(figure)
 
 
-def centroids_json(result: dict, meta: dict | None = None) -> str:
-  """`<name>_seg-spine_ctd.json`: `meta` (input, checkpoints ...), phase 2's messages, then the centroids."""
-  return json.dumps({**(meta or {}), "messages": result["messages"], **result["centroids"]}, indent=2) + "\n"
+def centroids_json(result: dict, meta: dict | None = None, output_format: str = "spine_jax",
+                   affine: np.ndarray | None = None) -> str:
+  """`<name>_seg-spine_ctd.json`: `meta` (input, checkpoints ...), phase 2's messages, then the centroids
+  (world mm); in the 'spineps' output format SPINEPS' own file, TPTBox's POI of the masks on the grid of
+  `affine` (voxel indices, `spineps_outputs.poi_json`), with `meta` and the messages among its header's fields."""
+  info = {**(meta or {}), "messages": result["messages"]}
+  if batch.check_output_format(output_format) == "spineps":
+    return spineps_outputs.poi_json(result["semantic"], result["instance"], affine,
+                                    {"source": "spine_jax predict spine", **info})
+  return json.dumps({**info, **result["centroids"]}, indent=2) + "\n"
 
 
 def write_outputs(result: dict, image: np.ndarray, affine: np.ndarray, paths: dict, *, header=None,
-                  meta: dict | None = None, description: str | None = None) -> None:
+                  meta: dict | None = None, description: str | None = None, output_format: str = "spine_jax") -> None:
   """Write the four outputs, each atomically; if any write fails, the ones already written are removed,
   so a scan has all its outputs or none (and a resumed run redoes it). `description` goes to the masks'
-  NIfTI headers (`batch.nifti_description`: the input they were made from)."""
-  text, png = centroids_json(result, meta), snapshot_png(image, affine, result)
+  NIfTI headers (`batch.nifti_description`: the input they were made from); `output_format` picks the
+  centroid file's format (`centroids_json`)."""
+  text, png = centroids_json(result, meta, output_format, affine), snapshot_png(image, affine, result)
   steps = (
       ("semantic", lambda p: nifti.atomic_save_nifti(result["semantic"], affine, p, header=header, dtype="uint8",
                                                      description=description)),
@@ -257,9 +267,9 @@ def write_outputs(result: dict, image: np.ndarray, affine: np.ndarray, paths: di
 
 
 def segment_file(semantic_model: Model, instance_model: Model, path, paths: dict, *, first_vertebra=None,
-                 progress=None, input_digest: str | None = None) -> dict:
-  """Phases 1 and 2 on a NIfTI file, its four outputs written to `paths` (`output_paths`); returns the result.
-  `input_digest` (`batch.file_digest` of the file) is recorded in the outputs."""
+                 progress=None, input_digest: str | None = None, output_format: str = "spine_jax") -> dict:
+  """Phases 1 and 2 on a NIfTI file, its four outputs written to `paths` (`output_paths`, in `output_format`);
+  returns the result. `input_digest` (`batch.file_digest` of the file) is recorded in the outputs."""
   image, affine, header = semantic_lib.load_scan(path, semantic_model.config)
   result = segment_spine(image, affine, semantic_model, instance_model, first_vertebra=first_vertebra,
                          name=str(path), progress=progress)
@@ -269,7 +279,7 @@ def segment_file(semantic_model: Model, instance_model: Model, path, paths: dict
   if input_digest:
     meta["input_sha256"] = input_digest
   meta["seconds"] = result["seconds"]
-  write_outputs(result, image, affine, paths, header=header, meta=meta,
+  write_outputs(result, image, affine, paths, header=header, meta=meta, output_format=output_format,
                 description=batch.nifti_description(input_digest) if input_digest else None)
   return result
 

@@ -100,7 +100,9 @@ def test_api_on_arrays_keeps_the_grid(runs):
   seen = set()
   result = spine.segment_spine(image, affine, semantic_model, instance_model, first_vertebra="C2",
                                progress=lambda stage, done, total: seen.add(stage))
-  assert set(result) == {"semantic", "instance", "centroids", "messages"}
+  assert set(result) == {"semantic", "instance", "centroids", "messages", "seconds"}
+  assert set(result["seconds"]) == {"preprocess", "semantic_network", "semantic_cleanup", "instance", "postprocess",
+                                    "centroids"} and all(v >= 0 for v in result["seconds"].values())
   assert result["semantic"].shape == result["instance"].shape == image.shape
   assert result["semantic"].dtype == np.uint8 and result["instance"].dtype == np.int16
   assert set(np.unique(result["semantic"]).tolist()) <= set(spine_labels.SEMANTIC_IDS)
@@ -334,3 +336,37 @@ def test_spine_reads_a_scan_as_its_semantic_model_does(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match="stop"):
     spine.segment_file(model, model, path, {})
   assert seen["dtype"] == np.int16
+
+
+def test_command_writes_spineps_names_and_centroid_file_in_derivatives_seg(runs, scans, tmp_path):
+  """--output_format=spineps: SPINEPS' names in the mirrored folder's derivatives_seg, its centroid file (TPTBox's
+  POI, as SPINEPS computes it from the written masks), and resuming keyed on those paths."""
+  from tests import spineps_oracle
+  (sem_run, inst_run), (_, image_path) = runs, scans
+  inputs, out = tmp_path / "in", tmp_path / "out"
+  scan = _copy_scan(image_path, inputs / "sub-01" / "anat" / "sub-01_ses-1_T2w.nii.gz")
+  args = [f"--semantic_checkpoint={sem_run}", f"--instance_checkpoint={inst_run}", f"--input={inputs}",
+          f"--output={out}", "--output_format=spineps", "--disable_tta"]
+  run = _predict(*args)
+  assert run.returncode == 0 and "1 segmented, 0 already done, 0 failed" in run.stdout, run.stderr[-3000:]
+  folder = out / "sub-01" / "anat" / "derivatives_seg"
+  names = [f"sub-01_ses-1_mod-T2w_{end}" for end in ("seg-spine_msk.nii.gz", "seg-vert_msk.nii.gz",
+                                                     "seg-spine_ctd.json", "seg-spine_snp.png")]
+  assert sorted(p for p in out.rglob("*") if p.is_file()) == sorted(folder / name for name in names)
+  header, points = json.loads((folder / names[2]).read_text())
+  assert header["format"] == "POI" and header["shape"] == list(nib.load(str(scan)).shape)
+  assert header["input"] == str(scan) and len(header["input_sha256"]) == 64
+  vert = np.asarray(nib.load(str(folder / names[1])).dataobj)
+  assert set(points) <= {str(v) for v in np.unique(vert) if 0 < v < 100}
+  if not spineps_oracle.available():  # SPINEPS' centroids of the masks as written, and our file, by POI.load
+    semantic = np.asarray(nib.load(str(folder / names[0])).dataobj)
+    got = spineps_oracle.call("worker.poi_centroids", {"semantic": semantic, "instance": vert},
+                              image_path=str(scan), ours=str(folder / names[2]))
+    assert got["ours/ids"].shape[0] == (got["ref/ids"].shape[0] if got["ref/written"] else 0)
+    if got["ref/written"]:
+      np.testing.assert_array_equal(got["ours/ids"], got["ref/ids"])
+      np.testing.assert_allclose(got["ours/points"], got["ref/points"], atol=1e-3, rtol=0)
+  stamps = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+  again = _predict(*args)
+  assert again.returncode == 0 and "0 segmented, 1 already done, 0 failed" in again.stdout
+  assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
