@@ -48,7 +48,9 @@ _INPUT = flags.DEFINE_string("input", None, "densenet: a .pth/.pt state dict; nn
 _OUTPUT = flags.DEFINE_string("output", None, "densenet: the .npz to write; nnunet, checkpoint: the model bundle folder; "
                               "spineps: the folder to hold semantic/ and instance/.")
 _TRUST = flags.DEFINE_bool("trust_pickle", False, "Load files that need full pickle (can run code from the file).")
-_FOLD = flags.DEFINE_string("fold", "0", "nnunet: which fold_k to convert.")
+_FOLD = flags.DEFINE_string("fold", None, "nnunet, spineps: which fold_k to convert: 0, a list 0,1,2 (an ensemble: "
+                            "their logits averaged) or all (fold_all). Default: SPINEPS' available_folds, else "
+                            "every fold_k with a checkpoint, as nnU-Net's predictor.")
 _CONFIGURATION = flags.DEFINE_string("configuration", None, "nnunet: plans configuration (default: the "
                                      "checkpoint's, else the folder name's, e.g. 3d_fullres).")
 _CHECKPOINT_NAME = flags.DEFINE_string("checkpoint_name", "checkpoint_final.pth", "nnunet: file in fold_k.")

@@ -27,6 +27,7 @@ import shutil
 import tempfile
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 from flax import traverse_util
 
@@ -37,6 +38,7 @@ from spine_jax.conversion.spineps_folder import INFERENCE_CONFIG, LOCATION_IDS
 from spine_jax.data import nifti
 from spine_jax.data import spatial
 from spine_jax.data import spine_labels
+from spine_jax.engine import networks
 from spine_jax.inference import restore
 from spine_jax.inference.phase2 import common as phase2_common
 from spine_jax.models import instance_unet
@@ -163,7 +165,8 @@ def exported_mirror_axes(config) -> tuple[int, ...]:
 
 def semantic_inference_config(config) -> dict[str, Any]:
   return {"log_name": "spine_jax_semantic", "modality": "T2w", "acquisition": "sag", "modeltype": "nnunet",
-          "model_expected_orientation": list(config.data.preprocess.axcodes), "available_folds": 1,
+          "model_expected_orientation": list(config.data.preprocess.axcodes),
+          "available_folds": networks.ensemble_size(config),
           "inference_augmentation": bool(exported_mirror_axes(config)),
           "resolution_range": [float(s) for s in config.data.preprocess.spacing],
           "default_step_size": float(config.inference.get("step_size", 0.5)),
@@ -176,14 +179,19 @@ def write_semantic_folder(folder: pathlib.Path, config, variables: Mapping[str, 
 
   plans, dataset = semantic_plans(config), {"channel_names": {"0": "T2w"}, "labels": semantic_labels(),
                                             "numTraining": 0, "file_ending": ".nii.gz"}
-  weights = {k: torch.from_numpy(np.array(v)) for k, v in semantic_state_dict(variables, config.model).items()}
-  (folder / "fold_0").mkdir(parents=True)
+  folder.mkdir(parents=True)
   (folder / "plans.json").write_text(json.dumps(plans, indent=2))
   (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
   (folder / INFERENCE_CONFIG).write_text(json.dumps(semantic_inference_config(config), indent=2))
-  torch.save({"network_weights": weights, "trainer_name": TRAINER, "current_epoch": 0,
-              "init_args": {"plans": plans, "configuration": CONFIGURATION, "fold": 0, "dataset_json": dataset},
-              "inference_allowed_mirroring_axes": exported_mirror_axes(config)}, folder / "fold_0" / CHECKPOINT_FILE)
+  members = networks.ensemble_size(config)
+  for fold in range(members):  # an ensemble's members are the folds again
+    member = variables if members == 1 else jax.tree.map(lambda v, k=fold: np.asarray(v)[k], dict(variables))
+    weights = {k: torch.from_numpy(np.array(v)) for k, v in semantic_state_dict(member, config.model).items()}
+    (folder / f"fold_{fold}").mkdir()
+    torch.save({"network_weights": weights, "trainer_name": TRAINER, "current_epoch": 0,
+                "init_args": {"plans": plans, "configuration": CONFIGURATION, "fold": fold, "dataset_json": dataset},
+                "inference_allowed_mirroring_axes": exported_mirror_axes(config)},
+               folder / f"fold_{fold}" / CHECKPOINT_FILE)
 
 
 def instance_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:

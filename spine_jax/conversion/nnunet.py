@@ -203,14 +203,45 @@ def _axcodes(requested, spineps_config, folder) -> tuple[str, ...]:
   return tuple(spatial.PIR)
 
 
-def convert_folder(folder, output, *, fold: int | str = 0, configuration: str | None = None,
+def folds_to_convert(folder: pathlib.Path, fold, spineps_config: Mapping[str, Any] | None,
+                     checkpoint_name: str) -> list[str]:
+  """The folds of ``folder`` to convert: ``fold`` as given ('0', '0,1,2', 'all' for fold_all), else what the
+  folder's users load: SPINEPS' ``available_folds`` (a count, a name or a list; fold_all when those are
+  absent, as SPINEPS falls back), or every ``fold_k`` with the checkpoint, as nnU-Net's predictor finds them."""
+  present = sorted(p.name[len("fold_"):] for p in folder.glob("fold_*") if (p / checkpoint_name).is_file())
+  if fold is not None and str(fold).strip() != "":
+    wanted = [f.strip() for f in str(fold).split(",") if f.strip()]
+  elif spineps_config is not None and "available_folds" in spineps_config:
+    value = spineps_config["available_folds"]
+    wanted = ([str(i) for i in range(value)] if isinstance(value, int) and not isinstance(value, bool) else
+              [str(value)] if isinstance(value, str) else [str(v) for v in value])
+    if any(f not in present for f in wanted) and "all" in present:
+      wanted = ["all"]
+  else:
+    wanted = [f for f in present if f != "all"] or present
+  missing = [f for f in wanted if f not in present]
+  if not wanted or missing:
+    first = folder / f"fold_{(missing or ['0'])[0]}" / checkpoint_name
+    raise ConversionError(f"{first}: no such file (folds with {checkpoint_name} here: {present or 'none'})")
+  return wanted
+
+
+def stack_members(members: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """One model's variables, or several (an ensemble) stacked along a leading member axis."""
+  if len(members) == 1:
+    return dict(members[0])
+  return jax.tree.map(lambda *leaves: np.stack([np.asarray(v) for v in leaves]), *[dict(m) for m in members])
+
+
+def convert_folder(folder, output, *, fold: int | str | None = None, configuration: str | None = None,
                    checkpoint_name: str = "checkpoint_final.pth", axcodes: Sequence[str] | None = None,
                    label_map: Mapping[str, int] | None = None, trust_pickle: bool = False,
                    overwrite: bool = False, spineps_defects: bool = False) -> dict[str, Any]:
   """Converts an nnU-Net v2 (or SPINEPS semantic) model folder; returns what was converted.
 
-  `spineps_defects` (SPINEPS folders only) keeps SPINEPS' float16 window weights
-  (inference/sliding_window.py), to reproduce its masks rather than nnU-Net's intent.
+  Several folds (`folds_to_convert`) become one ensemble bundle whose logits are the folds' mean, as
+  nnU-Net's and SPINEPS' predictors average them. `spineps_defects` (SPINEPS folders only) keeps SPINEPS'
+  float16 window weights (inference/sliding_window.py), to reproduce its masks rather than nnU-Net's intent.
 
   Everything is read and checked before anything is written.
   """
@@ -219,12 +250,11 @@ def convert_folder(folder, output, *, fold: int | str = 0, configuration: str | 
     raise ConversionError(f"{folder}: not a folder (expected an nnU-Net v2 model folder)")
   plans_path, dataset_path = folder / "plans.json", folder / "dataset.json"
   plans, dataset = nnunet_plans.read_json(plans_path), nnunet_plans.read_json(dataset_path)
-  checkpoint = folder / f"fold_{fold}" / checkpoint_name
-  if not checkpoint.is_file():
-    folds = sorted(p.name for p in folder.glob("fold_*") if p.is_dir())
-    raise ConversionError(f"{checkpoint}: no such file (folds here: {folds or 'none'})")
   spineps_config = spineps_folder.read_inference_config(folder)
-  arrays, init_args = network_weights(checkpoint, trust_pickle=trust_pickle)
+  folds = folds_to_convert(folder, fold, spineps_config, checkpoint_name)
+  checkpoints = [folder / f"fold_{f}" / checkpoint_name for f in folds]
+  weights = [network_weights(path, trust_pickle=trust_pickle) for path in checkpoints]
+  checkpoint, (_, init_args) = checkpoints[0], weights[0]
   name = nnunet_plans.choose_configuration(folder, plans, configuration, init_args.get("configuration"), plans_path)
   plan = nnunet_plans.read_plan(plans, name, plans_path)
   labels = nnunet_plans.dataset_labels(dataset, dataset_path)
@@ -233,12 +263,13 @@ def convert_folder(folder, output, *, fold: int | str = 0, configuration: str | 
   own = unet.default_unet_config()
   own.update(plan.arch)
   own.update(in_channels=1, num_classes=len(labels), deep_supervision=True)
-  variables = convert_weights(arrays, _in_our_axes(own, plan.spatial_order), plan.spatial_order, checkpoint)
-  variables = remap_heads(variables, mapping)
+  variables = stack_members([remap_heads(convert_weights(arrays, _in_our_axes(own, plan.spatial_order),
+                                                         plan.spatial_order, path), mapping)
+                             for (arrays, _), path in zip(weights, checkpoints)])
   codes = _axcodes(axcodes, spineps_config, folder)
   step = float(spineps_config.get("default_step_size", 0.5)) if spineps_config else 0.5
   provenance = dict(folder=str(folder.absolute()), checkpoint=str(checkpoint.absolute()), configuration=name,
-                    fold=str(fold), network_axes_of_model_axes=list(plan.spatial_order),
+                    fold=",".join(folds), network_axes_of_model_axes=list(plan.spatial_order),
                     labels={str(v): int(t) for v, t in mapping.items()},
                     spineps_inference_config=spineps_config is not None)
   # SPINEPS resamples with TPTBox's grid before nnU-Net (which then finds the plan's spacing); plain
@@ -251,11 +282,14 @@ def convert_folder(folder, output, *, fold: int | str = 0, configuration: str | 
     raise ConversionError(f"{folder}: --spineps_defects applies to SPINEPS model folders (with inference_config.json)")
   window = sliding_window.SPINEPS_MODE if spineps_defects else sliding_window.SPINE_JAX_MODE
   config = semantic_config(plan, codes, step, provenance, grid, mirror, postprocess, window)
+  if len(folds) > 1:
+    config.model.ensemble_size = len(folds)
   missing = [i for i in spine_labels.SEMANTIC_IDS if i not in mapping.values()]
   summary = {**provenance, "output": str(pathlib.Path(output).absolute()), "axcodes": "".join(codes),
              "spacing": list(config.data.preprocess.spacing), "patch_size": list(config.data.patch.patch_size),
              "features_per_stage": list(plan.arch["features_per_stage"]),
-             "num_parameters": int(sum(np.size(v) for v in jax.tree.leaves(variables["params"]))),
+             "num_parameters": int(sum(np.size(v) for v in jax.tree.leaves(variables["params"])) // len(folds)),
+             "folds": folds,
              "structures_not_predicted": missing}
   write_bundle(output, config, variables, overwrite=overwrite,
                    extra_files={"conversion.json": json.dumps(summary, indent=2)})

@@ -130,5 +130,5 @@ def load_bundle(folder, mesh=None) -> tuple[state_lib.InferenceState, ml_collect
   variables = traverse_util.unflatten_dict(
       {tuple(k.split("/")): np.asarray(v, expected[k].dtype) for k, v in arrays.items()})
   variables = jax.device_put(variables, mesh_lib.replicated(mesh))
-  return state_lib.InferenceState(apply_fn=model.apply, params=variables["params"],
+  return state_lib.InferenceState(apply_fn=networks.apply_fn(config, model), params=variables["params"],
                                   batch_stats=variables.get("batch_stats", {})), config

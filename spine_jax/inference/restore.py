@@ -50,6 +50,6 @@ def load_for_inference(checkpoint, task_name: str, mesh=None):
   _check_task(config, task_name, where)
   model, abstract = networks.abstract_variables(config, mesh)
   variables = checkpoints.restore_variables(root, step, abstract)
-  state = state_lib.InferenceState(apply_fn=model.apply, params=variables["params"],
+  state = state_lib.InferenceState(apply_fn=networks.apply_fn(config, model), params=variables["params"],
                                    batch_stats=variables["batch_stats"])
   return state, config, mesh

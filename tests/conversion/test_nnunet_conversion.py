@@ -311,7 +311,7 @@ def test_truncated_checkpoint_and_missing_fold(torch, unet_arch, tmp_path):
   path = folder / "fold_0" / "checkpoint_final.pth"
   path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
   _refused(folder, r"checkpoint_final\.pth: not a readable PyTorch file \(truncated or corrupt")
-  _refused(folder, r"fold_3/checkpoint_final\.pth: no such file \(folds here: \['fold_0'\]\)", fold=3)
+  _refused(folder, r"fold_3/checkpoint_final\.pth: no such file \(folds with checkpoint_final\.pth here: \['0'\]\)", fold=3)
 
 
 def test_checkpoint_needing_pickle_is_refused(torch, unet_arch, tmp_path):
@@ -341,3 +341,32 @@ def test_existing_output_needs_overwrite(converted, tmp_path):
   with pytest.raises(ConversionError, match=r"out: exists; choose another --output or pass --overwrite"):
     nnunet.convert_folder(folder, out)
   assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_folds_become_an_ensemble_with_the_mean_of_their_logits(converted, torch, unet_arch, conformance, tmp_path):
+  """Every fold_k with a checkpoint (nnU-Net's predictor's default) converts into one bundle whose logits
+  are the folds' mean, as nnU-Net averages them; `--fold` still picks one, and back to SPINEPS each fold
+  is written again."""
+  from spine_jax.engine import bundle
+  from spine_jax.inference import restore
+  nets = [torch_net(torch, unet_arch, seed=seed) for seed in (0, 5)]
+  folder = write_folder(tmp_path, torch, nets[0])
+  (folder / "fold_1").mkdir()
+  checkpoint = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=False)
+  torch.save({**checkpoint, "network_weights": nets[1].state_dict()}, folder / "fold_1" / "checkpoint_final.pth")
+  run = _convert_cli(f"--input={folder}", f"--output={tmp_path / 'both'}")
+  assert run.returncode == 0, run.stderr[-3000:]
+  state, config, mesh = restore.load_for_inference(tmp_path / "both", "semantic")
+  assert config.model.ensemble_size == 2 and config.converted_from.fold == "0,1"
+  order = tuple(config.converted_from.network_axes_of_model_axes)
+  x = np.random.default_rng(1).normal(size=(2, 1, *PATCH)).astype(np.float32)
+  with torch.no_grad():
+    ref = np.mean([net(torch.from_numpy(x))[0].numpy() for net in nets], axis=0)
+  channel_of = {SPINEPS_ID[c]: c for c in range(len(LABELS))}
+  ref = to_ours(ref, order)[..., [channel_of[i] for i in spine_labels.SEMANTIC_IDS]]
+  conformance("nnU-Net PlainConvUNet, mean of 2 folds", predict_lib.semantic_logits_fn(state, mesh)(to_ours(x, order)),
+              ref)
+  one = _convert_cli(f"--input={folder}", f"--output={tmp_path / 'one'}", "--fold=1")
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert "ensemble_size" not in bundle.load_bundle(tmp_path / "one")[1].model
+  assert _convert_cli(f"--input={folder}", f"--output={tmp_path / 'x'}", "--fold=0,4").returncode == 1

@@ -80,3 +80,43 @@ def test_spineps_window_mode_gives_spineps_logits(oracle, models):
   assert np.mean(same.argmax(-1) == theirs.argmax(-1)) > 0.999
   correct = _ours(bundles[False], x)
   assert np.abs(correct - theirs).max() > 10 * np.abs(same - theirs).max()  # the defect is what separates them
+
+
+def test_an_ensemble_of_folds_gives_spineps_averaged_logits(oracle, models, semantic_smoke_run, tmp_path):
+  """available_folds: 2 -> SPINEPS loads fold_0 and fold_1 and averages their logits (predictor.py
+  `predict_logits_from_preprocessed_data`); the converted bundle is one ensemble that does the same, and
+  exported again it is the same two folds. The second fold is the smoke run's step-2 checkpoint."""
+  import json
+  import shutil
+
+  import torch
+
+  from spine_jax.conversion import checkpoint as checkpoint_lib
+  from spine_jax.inference import restore as restore_lib
+  source, _ = models
+  folder = tmp_path / "semantic"
+  shutil.copytree(source, folder)
+  checkpoint_lib.checkpoint_to_bundle(semantic_smoke_run / "checkpoints" / "2", tmp_path / "step2")
+  export_spineps.export_pair(tmp_path / "step2_folders", semantic_checkpoint=tmp_path / "step2")
+  shutil.copytree(tmp_path / "step2_folders" / "semantic" / "fold_0", folder / "fold_1")
+  config = json.loads((folder / "inference_config.json").read_text())
+  (folder / "inference_config.json").write_text(json.dumps({**config, "available_folds": 2}))
+  spineps.convert_pair(tmp_path / "bundles", semantic_folder=folder, trust_pickle=True, spineps_defects=True)
+  loaded = restore_lib.load_for_inference(tmp_path / "bundles" / "semantic", "semantic")
+  assert loaded[1].model.ensemble_size == 2
+  patch = tuple(loaded[1].data.patch.patch_size)
+  x = np.random.default_rng(3).normal(size=tuple(int(p * 1.3) for p in patch)).astype(np.float16)
+  theirs = spineps_oracle.call("worker.semantic_logits", {"data": np.ascontiguousarray(x.T)[None]},
+                               folder=str(folder))["logits"]
+  theirs = np.moveaxis(theirs, 0, -1).transpose(2, 1, 0, 3)
+  ours = _ours(loaded, x)
+  assert np.abs(ours - theirs).max() < 0.01 * np.abs(theirs).max()
+  assert np.mean(ours.argmax(-1) == theirs.argmax(-1)) > 0.999
+  assert np.abs(_ours(models[1][True], x) - theirs).max() > 10 * np.abs(ours - theirs).max()  # fold_1 counts
+  export_spineps.export_pair(tmp_path / "again", semantic_checkpoint=tmp_path / "bundles" / "semantic")
+  again = tmp_path / "again" / "semantic"
+  assert json.loads((again / "inference_config.json").read_text())["available_folds"] == 2
+  for fold in (0, 1):
+    want = torch.load(folder / f"fold_{fold}" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    got = torch.load(again / f"fold_{fold}" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    assert all(torch.equal(want[k], got[k]) for k in got)
