@@ -17,8 +17,9 @@ What the instance conversion takes from where:
   GroupNorm groups are Unet3D's default, 8. Input channels must be 10 and classes 4 (the
   one-hot encoding and outputs phase 2 here uses).
 * inference_config.json: ``modeltype`` (must be ``unet``), ``model_expected_orientation``
-  (must be P, I, R), ``resolution_range`` (the spacing, P, I, R; of a (min, max) range the
-  finer bound), ``cutout_size``, ``corpus_size_cleaning`` (-> ``inference.min_body_voxels``),
+  (must be P, I, R), ``resolution_range`` (the spacing, P, I, R; a (min, max) range: the semantic
+  model's spacing clamped into it when the pair converts together, as SPINEPS rescales phase 1's
+  mask for phase 2 (seg_model.py `calc_recommended_resampling_zoom`); alone, the finer bound), ``cutout_size``, ``corpus_size_cleaning`` (-> ``inference.min_body_voxels``),
   ``vert_size_threshold`` (-> ``inference.min_instance_voxels``) and ``mapping`` (must relabel
   41..48 -> 1..8 and 49 -> 9 as ``inference/phase2/cutouts.py`` does). Other fields are ignored.
 * everything else: ``spineps_instance_config`` (SPINEPS 1.x scale).
@@ -143,6 +144,7 @@ def instance_config(arch: Mapping[str, Any], config: Mapping[str, Any], folder, 
   """An instance bundle's config: `spineps_instance_config`, the weights' architecture and the
   inference_config.json fields listed in the module docstring."""
   source = pathlib.Path(folder) / INFERENCE_CONFIG
+  bounds = None
   c = spineps_instance_config()
   c.model.update(dict(arch))
   c.data.preprocess.grid = spatial.SPINEPS_GRID  # SPINEPS resamples with TPTBox's grid
@@ -158,7 +160,9 @@ def instance_config(arch: Mapping[str, Any], config: Mapping[str, Any], folder, 
   if "resolution_range" in config:
     value = config["resolution_range"]
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (list, tuple)) for v in value):
-      value = value[0]  # (min, max): the finer bound
+      low, high = (_triple(v, 3, "resolution_range", source) for v in value)
+      bounds = dict(low=low, high=high)
+      value = low  # until the semantic model's spacing is known (`clamp_to_range`)
     c.data.preprocess.spacing = _triple(value, 3, "resolution_range", source)
   if "cutout_size" in config:
     size = _triple(config["cutout_size"], 3, "cutout_size", source, int)
@@ -184,8 +188,21 @@ def instance_config(arch: Mapping[str, Any], config: Mapping[str, Any], folder, 
       raise ConversionError(f"{source}: mapping sends {wrong}; phase 2 here encodes {expected} "
                             f"(inference/phase2/cutouts.py relabel_for_instance)")
   c.converted_from = ml_collections.ConfigDict(dict(provenance))
+  if bounds is not None:  # a (min, max) resolution_range, for `clamp_to_range`
+    c.converted_from.resolution_range = ml_collections.ConfigDict(bounds)
   instance_unet.build_instance_unet(c.model).check_input((1, *c.data.cutout.cutout_size, c.model.in_channels))
   return c
+
+
+def clamp_to_range(config, semantic_spacing) -> None:
+  """The instance model's spacing for a semantic model of `semantic_spacing` (P, I, R mm), for an instance
+  resolution_range given as (min, max): each axis clamped into it, as SPINEPS' seg_model.py
+  `calc_recommended_resampling_zoom` does with phase 1's mask."""
+  bounds = (config.get("converted_from") or {}).get("resolution_range")
+  if bounds is None:
+    return
+  config.data.preprocess.spacing = tuple(float(min(max(s, lo), hi))
+                                         for s, lo, hi in zip(semantic_spacing, bounds.low, bounds.high))
 
 
 def instance_params(arrays: Mapping[str, np.ndarray], model_cfg, path) -> dict[str, Any]:
@@ -292,6 +309,8 @@ def convert_pair(output, *, semantic_folder=None, instance_folder=None, trust_pi
       summary["semantic"] = nnunet.convert_folder(folder, tmp / "semantic", trust_pickle=trust_pickle,
                                                   spineps_defects=spineps_defects, **nnunet_kwargs)
       summary["semantic"]["output"] = str(output / "semantic")
+      if prepared is not None:
+        clamp_to_range(prepared[0], summary["semantic"]["spacing"])
     if prepared is not None:
       cfg, params, inst = prepared
       inst["output"] = str(output / "instance")

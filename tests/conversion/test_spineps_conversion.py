@@ -170,3 +170,28 @@ def test_command_converts_the_pair_for_predict_spine(unet3d, tmp_path):
   assert run.returncode == 0, run.stderr
   sem, inst = spine.load_spine_models(out / "semantic", out / "instance")
   assert sem.config.inference.sliding_window_mode == "spineps" and inst.config.inference.abort_on_empty_couple
+
+
+def test_a_resolution_range_takes_the_semantic_spacing_clamped_into_it(unet3d, tmp_path):
+  """SPINEPS rescales phase 1's mask to the instance model's `calc_recommended_resampling_zoom` of the
+  semantic model's zoom: with a (min, max) range, each axis clamped into it; alone, the finer bound."""
+  unet_arch = pytest.importorskip("dynamic_network_architectures.architectures.unet",
+                                  reason="needs dynamic-network-architectures (pip install --no-deps)")
+  import torch
+
+  from spine_jax.inference import restore
+  from tests.conversion import test_nnunet_conversion as nn_tests
+  semantic = nn_tests.write_folder(tmp_path / "sem", torch, nn_tests.torch_net(torch, unet_arch))
+  (semantic / "inference_config.json").write_text(json.dumps({
+      "log_name": "T2w_semantic", "modality": "T2w", "acquisition": "sag", "modeltype": "nnunet",
+      "model_expected_orientation": ["P", "I", "R"], "available_folds": 1, "inference_augmentation": False,
+      "resolution_range": [0.75, 0.75, 1.65], "default_step_size": 0.5,
+      "labels": {str(v): k for k, v in nn_tests.LABELS.items() if v}}))
+  ranged = {**INSTANCE_CONFIG, "resolution_range": [[0.5, 1.0, 2.0], [1.0, 2.0, 3.0]]}
+  instance = write_instance_folder(tmp_path / "inst", torch_unet3d(unet3d), config=ranged)
+  spineps.convert_pair(tmp_path / "pair", semantic_folder=semantic, instance_folder=instance, trust_pickle=True)
+  config = restore.load_for_inference(tmp_path / "pair" / "instance", "instance")[1]
+  assert tuple(config.data.preprocess.spacing) == (0.75, 1.0, 2.0)  # (0.75, 0.75, 1.65) clamped
+  spineps.convert_pair(tmp_path / "alone", instance_folder=instance, trust_pickle=True)
+  config = restore.load_for_inference(tmp_path / "alone" / "instance", "instance")[1]
+  assert tuple(config.data.preprocess.spacing) == (0.5, 1.0, 2.0)
