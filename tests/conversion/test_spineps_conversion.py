@@ -132,21 +132,28 @@ def test_existing_output_needs_overwrite(converted):
     spineps.convert_instance_folder(root / "instance", root / "ckpt")
 
 
-def test_command_converts_the_pair_for_predict_spine(unet3d, tmp_path):
-  """The semantic folder (an nnU-Net folder with inference_config.json) and the instance folder,
-  converted by the command into OUTPUT/semantic and OUTPUT/instance, load as predict spine loads them."""
+def _spineps_semantic_folder(root):
+  """An nnU-Net folder (tests/conversion/test_nnunet_conversion.py's PlainConvUNet) with SPINEPS'
+  inference_config.json: a SPINEPS semantic model folder."""
   unet_arch = pytest.importorskip("dynamic_network_architectures.architectures.unet",
                                   reason="needs dynamic-network-architectures (pip install --no-deps)")
   import torch
 
-  from spine_jax.inference import spine
   from tests.conversion import test_nnunet_conversion as nn_tests
-  semantic = nn_tests.write_folder(tmp_path / "sem", torch, nn_tests.torch_net(torch, unet_arch))
+  semantic = nn_tests.write_folder(root, torch, nn_tests.torch_net(torch, unet_arch))
   (semantic / "inference_config.json").write_text(json.dumps({
       "log_name": "T2w_semantic", "modality": "T2w", "acquisition": "sag", "modeltype": "nnunet",
       "model_expected_orientation": ["P", "I", "R"], "available_folds": 1, "inference_augmentation": False,
       "resolution_range": [0.75, 0.75, 1.65], "default_step_size": 0.5,
       "labels": {str(v): k for k, v in nn_tests.LABELS.items() if v}}))
+  return semantic
+
+
+def test_command_converts_the_pair_for_predict_spine(unet3d, tmp_path):
+  """The semantic folder (an nnU-Net folder with inference_config.json) and the instance folder,
+  converted by the command into OUTPUT/semantic and OUTPUT/instance, load as predict spine loads them."""
+  from spine_jax.inference import spine
+  semantic = _spineps_semantic_folder(tmp_path / "sem")
   instance = write_instance_folder(tmp_path / "inst", torch_unet3d(unet3d))
 
   def cli(*args):
@@ -175,18 +182,8 @@ def test_command_converts_the_pair_for_predict_spine(unet3d, tmp_path):
 def test_a_resolution_range_takes_the_semantic_spacing_clamped_into_it(unet3d, tmp_path):
   """SPINEPS rescales phase 1's mask to the instance model's `calc_recommended_resampling_zoom` of the
   semantic model's zoom: with a (min, max) range, each axis clamped into it; alone, the finer bound."""
-  unet_arch = pytest.importorskip("dynamic_network_architectures.architectures.unet",
-                                  reason="needs dynamic-network-architectures (pip install --no-deps)")
-  import torch
-
   from spine_jax.inference import restore
-  from tests.conversion import test_nnunet_conversion as nn_tests
-  semantic = nn_tests.write_folder(tmp_path / "sem", torch, nn_tests.torch_net(torch, unet_arch))
-  (semantic / "inference_config.json").write_text(json.dumps({
-      "log_name": "T2w_semantic", "modality": "T2w", "acquisition": "sag", "modeltype": "nnunet",
-      "model_expected_orientation": ["P", "I", "R"], "available_folds": 1, "inference_augmentation": False,
-      "resolution_range": [0.75, 0.75, 1.65], "default_step_size": 0.5,
-      "labels": {str(v): k for k, v in nn_tests.LABELS.items() if v}}))
+  semantic = _spineps_semantic_folder(tmp_path / "sem")
   ranged = {**INSTANCE_CONFIG, "resolution_range": [[0.5, 1.0, 2.0], [1.0, 2.0, 3.0]]}
   instance = write_instance_folder(tmp_path / "inst", torch_unet3d(unet3d), config=ranged)
   spineps.convert_pair(tmp_path / "pair", semantic_folder=semantic, instance_folder=instance, trust_pickle=True)
