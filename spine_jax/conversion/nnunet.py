@@ -251,6 +251,8 @@ def convert_folder(folder, output, *, fold: int | str | None = None, configurati
   plans_path, dataset_path = folder / "plans.json", folder / "dataset.json"
   plans, dataset = nnunet_plans.read_json(plans_path), nnunet_plans.read_json(dataset_path)
   spineps_config = spineps_folder.read_inference_config(folder)
+  if spineps_defects and spineps_config is None:
+    raise ConversionError(f"{folder}: --spineps_defects applies to SPINEPS model folders (with inference_config.json)")
   folds = folds_to_convert(folder, fold, spineps_config, checkpoint_name)
   checkpoints = [folder / f"fold_{f}" / checkpoint_name for f in folds]
   weights = [network_weights(path, trust_pickle=trust_pickle) for path in checkpoints]
@@ -278,8 +280,6 @@ def convert_folder(folder, output, *, fold: int | str | None = None, configurati
   # SPINEPS cleans its semantic mask its own way (phase_semantic.py); a plain nnU-Net model gets ours.
   postprocess = semantic_postprocess.SPINEPS_MODE if spineps_config is not None else semantic_postprocess.SPINE_JAX_MODE
   mirror = mirror_axes(init_args.get("mirror_axes"), plan.spatial_order, spineps_config)
-  if spineps_defects and spineps_config is None:
-    raise ConversionError(f"{folder}: --spineps_defects applies to SPINEPS model folders (with inference_config.json)")
   window = sliding_window.SPINEPS_MODE if spineps_defects else sliding_window.SPINE_JAX_MODE
   config = semantic_config(plan, codes, step, provenance, grid, mirror, postprocess, window)
   if len(folds) > 1:

@@ -19,7 +19,8 @@ What the instance conversion takes from where:
 * inference_config.json: ``modeltype`` (must be ``unet``), ``model_expected_orientation``
   (must be P, I, R), ``resolution_range`` (the spacing, P, I, R; a (min, max) range: the semantic
   model's spacing clamped into it when the pair converts together, as SPINEPS rescales phase 1's
-  mask for phase 2 (seg_model.py `calc_recommended_resampling_zoom`); alone, the finer bound), ``cutout_size``, ``corpus_size_cleaning`` (-> ``inference.min_body_voxels``),
+  mask for phase 2 (seg_model.py `calc_recommended_resampling_zoom`); alone, the finer bound),
+  ``cutout_size``, ``corpus_size_cleaning`` (-> ``inference.min_body_voxels``),
   ``vert_size_threshold`` (-> ``inference.min_instance_voxels``) and ``mapping`` (must relabel
   41..48 -> 1..8 and 49 -> 9 as ``inference/phase2/cutouts.py`` does). Other fields are ignored.
 * everything else: ``spineps_instance_config`` (SPINEPS 1.x scale).
