@@ -44,7 +44,7 @@ def id_for_name(name) -> int | None:
   """The SPINEPS semantic id a label name (TPTBox, spine_jax or a plain id) stands for, else None."""
   if isinstance(name, int) or (isinstance(name, str) and name.strip().isdigit()):
     value = int(name)
-    value = 49 if value == 50 else value
+    value = spine_labels.CORPUS if value == spine_labels.CORPUS_INNER else value
     return value if value in spine_labels.SEMANTIC_IDS else None
   return _BY_NAME.get(_folded(str(name)))
 

@@ -14,6 +14,8 @@ COSTAL_LEFT, COSTAL_RIGHT = 43, 44
 SUPERIOR_ARTICULAR_LEFT, SUPERIOR_ARTICULAR_RIGHT = 45, 46
 INFERIOR_ARTICULAR_LEFT, INFERIOR_ARTICULAR_RIGHT = 47, 48
 CORPUS = 49
+# TPTBox's Vertebra_Corpus without its border; SPINEPS' models write the body as CORPUS (its corpus border).
+CORPUS_INNER = 50
 CORD, CANAL, ENDPLATE, DISC = 60, 61, 62, 100
 # An endplate as its vertebra's upper or lower plate (TPTBox's Location 52, 53). No network here predicts
 # them; SPINEPS' post-processing splits ENDPLATE into them (the instance 'spineps' post-processing mode).

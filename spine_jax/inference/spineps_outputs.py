@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from spine_jax.data import nifti
+from spine_jax.data import spine_labels
 
 OUTPUT_FOLDER = "derivatives_seg"  # SPINEPS' --derivative-name default, beside the scan for `spineps sample`
 # Our output keys -> (seg entity, TPTBox format, file type) of seg_run.py `_build_output_paths`.
@@ -38,10 +39,12 @@ _ALPHANUMERIC, _DECIMAL = ("task", "dir"), ("run", "echo", "flip", "inv", "namec
 _CHOICES = {"mt": ("on", "off"), "hemi": ("L", "R")}
 
 # spineps seg_pipeline.py: disc and endplate ids leave the instance mask before the centroids are taken.
-_DROPPED_RANGES = ((100, 134), (200, 234))
-CORPUS_IDS = (49, 50)  # TPTBox counts the corpus border (49, SPINEPS' written corpus) as the corpus (50)
-CORPUS_SUBREGION = 50
-SACRUM_ID = 26
+_DROPPED_RANGES = ((spine_labels.DISC_OFFSET, spine_labels.DISC_OFFSET + 34),
+                   (spine_labels.ENDPLATE_OFFSET, spine_labels.ENDPLATE_OFFSET + 34))
+# TPTBox counts the corpus border (SPINEPS' written corpus) as the corpus.
+CORPUS_IDS = (spine_labels.CORPUS, spine_labels.CORPUS_INNER)
+CORPUS_SUBREGION = spine_labels.CORPUS_INNER
+SACRUM_ID = spine_labels.SACRUM_INSTANCE
 POI_DECIMALS = 2  # calc_poi_from_subreg_vert's default
 
 
