@@ -522,6 +522,20 @@ def poi_centroids(semantic: np.ndarray, instance: np.ndarray, image_path: str, o
   return out
 
 
+def level_targets(spines: list[list[int]]) -> dict[str, np.ndarray]:
+  """read_labels' training columns (get_subject_info + get_vert_entry) for every vertebra of whole spines
+  given as SPINEPS ids, no anomaly table: rows (spine, id, vert_exact, vert_exact2, group, region, rel, t13)."""
+  from spineps.architectures import read_labels as rl
+  rows = []
+  for k, ids in enumerate(spines):
+    info = rl.get_subject_info(k, {}, list(ids))
+    for v in ids:
+      _, entry = rl.get_vert_entry(v, info)
+      rows.append([k, v, entry["vert_exact"].value, entry["vert_exact2"].value, entry["vert_group"].value,
+                   entry["vert_region"].value, entry["vert_rel"].value, entry["vert_t13"].value])
+  return {"rows": np.asarray(rows, np.int64)}
+
+
 # --- The harness. ---------------------------------------------------------------------------------------------
 
 
