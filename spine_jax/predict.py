@@ -51,6 +51,7 @@ _LABELS = flags.DEFINE_list("labels", None, "Only these mask labels (default: ev
 flags.register_validator("labels", lambda v: v is None or all(x.strip().isdigit() for x in v),
                          "--labels takes mask label numbers separated by commas, e.g. 20,21,22")
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder.")
+_CACHE = cli.define_compilation_cache_flag()
 _NAME = flags.DEFINE_string("name", None, "Output name stem (default: the image file's name).")
 _INPUT = flags.DEFINE_string("input", None, "semantic, spine: a NIfTI file or a folder of them.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "semantic, spine: redo scans whose outputs exist.")
@@ -357,6 +358,7 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m spine_jax.predict {{{'|'.join(COMMANDS)}}} --flags (got {argv[1:]})")
   logging.set_verbosity(logging.WARNING)
+  cli.use_compilation_cache(_CACHE.value)
   try:
     return {"bone_quality": run_bone_quality, "semantic": run_semantic, "spine": run_spine}[argv[1]]()
   except (batch.BatchError, checkpoints.CheckpointError) as e:  # the run as a whole cannot start

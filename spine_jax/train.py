@@ -34,6 +34,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 flags.register_validator("workdir", lambda v: v is None or bool(v.strip()), "--workdir must name a folder")
+_CACHE = cli.define_compilation_cache_flag()
 
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", None, "Join a multi-process job with jax.distributed.initialize. Default: on when "
@@ -118,6 +119,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax, grain and jax.distributed are chatty at INFO
   if wants_distributed():
     start_distributed()
+  cli.use_compilation_cache(_CACHE.value)
   if jax.process_index() > 0:  # progress and warnings from process 0 only; the others report errors
     logging.set_verbosity(logging.ERROR)
   try:

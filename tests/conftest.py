@@ -9,6 +9,8 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 _CACHE = pathlib.Path(os.environ.get("SPINE_JAX_TEST_CACHE", pathlib.Path(__file__).resolve().parents[1] / ".jax_cache"))
+# Entry points run as subprocesses share it (spine_jax/cli.py), instead of the user's ~/.cache.
+os.environ.setdefault("SPINE_JAX_CACHE_DIR", str(_CACHE))
 jax.config.update("jax_disable_most_optimizations", True)
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
