@@ -22,8 +22,9 @@ lab_model.py `VertLabelingClassifier.run_all_seg_instances`, `run_given_seg_pos`
    `rotate`, order 3, zeros outside, in the grid's dtype); the 32-voxel margins cut off; back to PIR;
 9. MONAI `NormalizeIntensity(nonzero=True)`: float32, the non-zero voxels z-scored by their mean and
    population std (std 0 counts as 1), zeros kept; then `CenterSpatialCrop` to the patch size.
-SPINEPS passes the scan cropped to the semantic mask's box plus 2 reference voxels (phase_post.py) and
-only vertebra instances (discs, endplates and the sacrum come after labelling).
+SPINEPS passes the scan cropped to the semantic mask's box plus int(1.5 mm / its finest spacing) voxels
+(phase_post.py POSTPROCESS_CROP_MARGIN_MM) and only vertebra instances (discs, endplates and the sacrum come
+after labelling).
 """
 from __future__ import annotations
 
