@@ -536,6 +536,112 @@ def level_targets(spines: list[list[int]]) -> dict[str, np.ndarray]:
   return {"rows": np.asarray(rows, np.int64)}
 
 
+def labeling_patches(cases: dict[str, dict], **arrays: np.ndarray) -> dict[str, np.ndarray]:
+  """SPINEPS' labelling phase (phase_labeling.perform_labeling_step, with run_model_for_vert_labeling and the
+  classifier's run_all_seg_instances / run_given_seg_pos / run_given_center_pos / _run_array) on each case, with a
+  VertLabelingClassifier built without weights: its predictor records each model input tensor and returns fixed
+  logits, and find_vert_path_from_predictions is replaced by a stand-in that records the instance ids (the
+  predictions' keys) and force_c2_instance and returns the identity path. Per case NAME: arrays NAME/image,
+  NAME/affine, NAME/instance and optionally NAME/semantic; cases[NAME] holds zoom (the resolution_range),
+  patch_size (cutout_size = final_size, the transform built as load() builds it), patch_rotation and
+  disable_c1 (default True). Orientation P, I, R. One `import spineps` for all cases.
+
+  Returns per NAME: patches (N, *patch_size) float32 in the order the classifier ran, ids (N,), centres (N, 3:
+  each run_given_center_pos centre on the labelling grid), angles (N, NaN for none), grid_affine (that grid's,
+  as run_all_seg_instances reoriented it), force_c2 (the instance id perform_labeling_step passed on, -1 for
+  none), force_c2_instance (its position, -1 for none), seconds (the call's time) and, with a semantic mask,
+  dens_ids / dens_mm3 (TPTBox volumes(in_mm3=True) of the corpus-masked instances on the dens, the lines of
+  perform_labeling_step)."""
+  import pathlib
+  import time
+
+  import torch
+  from monai.transforms import CenterSpatialCropd, Compose, NormalizeIntensityd
+  from spineps import phase_labeling
+  from spineps.lab_model import VertLabelingClassifier
+  from spineps.utils.seg_modelconfig import Segmentation_Inference_Config
+  from TPTBox import NII, Location
+
+  record: dict = {}
+
+  class Recorder:
+    def forward(self, model_input):
+      record["patches"].append(model_input.detach().cpu().numpy()[0, 0].astype(np.float32))
+      return {"VERT": torch.zeros((1, 24))}
+
+    def softmax(self, logits):
+      return torch.softmax(logits, dim=1)
+
+  def path(predictions, force_c2_instance=None, **kwargs):  # noqa: ARG001 - the rest is the path's business
+    record["ids"] = [int(k) for k in predictions]
+    record["force_c2_instance"] = -1 if force_c2_instance is None else int(force_c2_instance)
+    fpath = list(range(1, len(predictions) + 1))
+    return 0.0, fpath, fpath, [], [], {}
+
+  real_run, real_path = phase_labeling.run_model_for_vert_labeling, phase_labeling.find_vert_path_from_predictions
+
+  def run_model(*args, force_c2=None, **kwargs):
+    record["force_c2"] = -1 if force_c2 is None else int(force_c2)
+    return real_run(*args, force_c2=force_c2, **kwargs)
+
+  def classifier(zoom, size, patch_rotation):
+    config = Segmentation_Inference_Config(
+        logger=None, log_name="StandIn", modality="T2w", acquisition="sag", modeltype="classifier",
+        model_expected_orientation=("P", "I", "R"), available_folds=1, inference_augmentation=False,
+        resolution_range=[float(z) for z in zoom], default_step_size=0.5, labels={}, expected_inputs=["img"])
+    model = VertLabelingClassifier(pathlib.Path(__file__).parent, config, use_cpu=True, default_allow_tqdm=False)
+    model.predictor, model.cutout_size, model.final_size = Recorder(), size, size
+    model.patch_rotation = bool(patch_rotation)
+    model.transform = Compose([NormalizeIntensityd(keys=["img"], nonzero=True, channel_wise=False),
+                               CenterSpatialCropd(keys=["img", "seg"], roi_size=size)])
+    real_seg_instances, real_center_pos = model.run_all_seg_instances, model.run_given_center_pos
+
+    def run_all_seg_instances(img, seg):
+      record["grid_affine"] = np.asarray(img.reorient().affine)
+      return real_seg_instances(img, seg)
+
+    def run_given_center_pos(img, seg, center_pos, angle=None):
+      record["centres"].append([int(c) for c in center_pos])
+      record["angles"].append(np.nan if angle is None else float(angle))
+      return real_center_pos(img, seg, center_pos, angle=angle)
+
+    model.run_all_seg_instances, model.run_given_center_pos = run_all_seg_instances, run_given_center_pos
+    return model
+
+  out = {}
+  phase_labeling.run_model_for_vert_labeling, phase_labeling.find_vert_path_from_predictions = run_model, path
+  try:
+    for name, case in cases.items():
+      record.clear()
+      record.update(patches=[], centres=[], angles=[])
+      size = tuple(int(s) for s in case["patch_size"])
+      model = classifier(case["zoom"], size, case.get("patch_rotation", False))
+      affine = np.asarray(arrays[f"{name}/affine"], np.float64)
+      img = NII.from_numpy(np.asarray(arrays[f"{name}/image"]), affine)
+      vert = NII.from_numpy(np.asarray(arrays[f"{name}/instance"]), affine, seg=True)
+      semantic = arrays.get(f"{name}/semantic")
+      subreg = None if semantic is None else NII.from_numpy(np.asarray(semantic), affine, seg=True)
+      if subreg is not None:  # before the step, which relabels `vert` in place
+        corpus = subreg.extract_label((Location.Vertebra_Corpus, Location.Vertebra_Corpus_border,
+                                       Location.Dens_axis))
+        volumes = ((vert * corpus) * subreg.extract_label(Location.Dens_axis.value)).volumes(in_mm3=True)
+        out[f"{name}/dens_ids"] = np.asarray(list(volumes), np.int64)
+        out[f"{name}/dens_mm3"] = np.asarray(list(volumes.values()), np.float64)
+      start = time.perf_counter()
+      phase_labeling.perform_labeling_step(model, img, vert, subreg, disable_c1=case.get("disable_c1", True))
+      out[f"{name}/seconds"] = np.asarray(time.perf_counter() - start)
+      out[f"{name}/patches"] = np.asarray(record["patches"], np.float32).reshape(-1, *size)
+      out[f"{name}/ids"] = np.asarray(record.get("ids", []), np.int64)
+      out[f"{name}/centres"] = np.asarray(record["centres"], np.int64).reshape(-1, 3)
+      out[f"{name}/angles"] = np.asarray(record["angles"], np.float64)
+      out[f"{name}/grid_affine"] = record.get("grid_affine", np.eye(4))
+      out[f"{name}/force_c2"] = np.asarray(record.get("force_c2", -1))
+      out[f"{name}/force_c2_instance"] = np.asarray(record.get("force_c2_instance", -1))
+  finally:
+    phase_labeling.run_model_for_vert_labeling, phase_labeling.find_vert_path_from_predictions = real_run, real_path
+  return out
+
+
 # --- The harness. ---------------------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from spine_jax.data import augment as augment_lib
+from spine_jax.data import labeling_samples
 
 
 class ArraySource:
@@ -123,3 +124,13 @@ def bone_quality_train_iterator(arrays, config, process_index=None, process_coun
   return train_iterator(source, global_batch=config.batch_size, seed=config.seed, transform=transform,
                         num_workers=config.data.num_workers, process_index=process_index,
                         process_count=process_count)
+
+
+def labeling_train_iterator(records: list[dict], cfg, heads, *, global_batch: int, seed: int, num_workers: int = 0,
+                            process_index=None, process_count=None) -> grain.DatasetIterator:
+  """Batches of labelling samples (`labeling_samples.sample_vertebra`: patch (B, *patch_size) float32, targets
+  {head: (B,) int32}, fully_visible, level), one element per vertebra of the records (`phantom_records` or
+  `volume_record`), this process's share of each global batch."""
+  return train_iterator(labeling_samples.LabelingSource(records), global_batch=global_batch, seed=seed,
+                        transform=labeling_samples.labeling_transform(cfg, heads), num_workers=num_workers,
+                        process_index=process_index, process_count=process_count)

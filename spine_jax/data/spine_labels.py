@@ -17,6 +17,9 @@ CORPUS = 49
 # TPTBox's Vertebra_Corpus without its border; SPINEPS' models write the body as CORPUS (its corpus border).
 CORPUS_INNER = 50
 CORD, CANAL, ENDPLATE, DISC = 60, 61, 62, 100
+# TPTBox's Dens_axis, the odontoid process of C2: SPINEPS' MRI models do not write it (its CT ones do); the
+# labelling phase keeps it with the corpus and forces C2 on the instance that holds most of it.
+DENS = 51
 # An endplate as its vertebra's upper or lower plate (TPTBox's Location 52, 53). No network here predicts
 # them; SPINEPS' post-processing splits ENDPLATE into them (the instance 'spineps' post-processing mode).
 ENDPLATE_SUPERIOR, ENDPLATE_INFERIOR = 52, 53

@@ -80,7 +80,7 @@ def foreground_box(image: np.ndarray, name='input volume') -> tuple[slice, ...]:
   return tuple(slice(int(w.min()), int(w.max()) + 1) for w in where)
 
 
-def _crop_affine(affine: np.ndarray, box) -> np.ndarray:
+def crop_affine(affine: np.ndarray, box) -> np.ndarray:
   """nibabel's `slicer` affine, as TPTBox's `apply_crop` computes it (its integer matrix, `affine.dot`)."""
   transform = np.eye(4, dtype=int)
   transform[:3, 3] = [s.start for s in box]
@@ -97,7 +97,7 @@ def prepare_input(image: np.ndarray, affine: np.ndarray, *, bias: str = bias_fie
   crop = out[box]
   if bias == bias_field.N4:
     try:
-      crop = bias_field.spineps_n4(crop, _crop_affine(affine, box))
+      crop = bias_field.spineps_n4(crop, crop_affine(affine, box))
     except ValueError as error:
       raise spatial.VolumeError(f'{name}: {error}') from None
   out[box] = normalize_to_range(crop)
