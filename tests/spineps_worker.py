@@ -642,6 +642,49 @@ def labeling_patches(cases: dict[str, dict], **arrays: np.ndarray) -> dict[str, 
   return out
 
 
+def level_paths(cases: list[dict], **arrays: np.ndarray) -> dict[str, np.ndarray]:
+  """SPINEPS' level path for a batch of cases in one call (importing spineps costs seconds).
+
+  Case i is {"solver": kwargs, "exact": bool}: `find_most_probably_sequence(arrays["i/cost"],
+  region_rel_cost=arrays["i/rel"], vertt13_cost=arrays["i/t13"], **kwargs)` (either matrix may be absent;
+  punish_skip_class's JSON keys back to ints), then `fpath_post_processing(path, exact_classes=exact)`; or
+  {"predictions": kwargs}: `find_vert_path_from_predictions(predictions, **kwargs)` on predictions
+  {v: {"soft": {HEAD: arrays["i/head/HEAD"][v]}}} (each head a (vertebrae, classes) array in its own dtype).
+  Returns i/cost, i/path, i/ids, i/seconds (SPINEPS' time), for predictions also i/costs (the cost matrix);
+  i/error with the exception's text instead where SPINEPS raised."""
+  import time
+
+  from spineps.phase_labeling import find_vert_path_from_predictions, fpath_post_processing
+  from spineps.utils.find_min_cost_path import find_most_probably_sequence
+
+  out = {}
+  for i, case in enumerate(cases):
+    start = time.perf_counter()
+    try:
+      if "solver" in case:
+        kwargs = dict(case["solver"])
+        if isinstance(kwargs.get("punish_skip_class"), dict):
+          kwargs["punish_skip_class"] = {int(k): v for k, v in kwargs["punish_skip_class"].items()}
+        cost, path, _ = find_most_probably_sequence(arrays[f"{i}/cost"], region_rel_cost=arrays.get(f"{i}/rel"),
+                                                    vertt13_cost=arrays.get(f"{i}/t13"), **kwargs)
+        out[f"{i}/ids"] = np.asarray(fpath_post_processing(path, exact_classes=case.get("exact", False)), np.int64)
+      else:
+        prefix = f"{i}/head/"
+        heads = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+        n = len(next(iter(heads.values())))
+        predictions = {v: {"soft": {h: a[v] for h, a in heads.items()}} for v in range(n)}
+        cost, path, ids, matrix, _, _ = find_vert_path_from_predictions(predictions, **case["predictions"])
+        out[f"{i}/ids"] = np.asarray(ids, np.int64)
+        out[f"{i}/costs"] = np.asarray(matrix, np.float64)
+    except Exception as error:  # noqa: BLE001 - the caller compares failures too
+      out[f"{i}/error"] = np.asarray(f"{type(error).__name__}: {error}")
+      continue
+    out[f"{i}/seconds"] = np.asarray(time.perf_counter() - start)
+    out[f"{i}/cost"] = np.asarray(float(cost))
+    out[f"{i}/path"] = np.asarray(path, np.int64)
+  return out
+
+
 # --- The harness. ---------------------------------------------------------------------------------------------
 
 
