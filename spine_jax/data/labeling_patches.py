@@ -41,6 +41,9 @@ from spine_jax.data import spatial
 from spine_jax.data import spineps_preprocess
 from spine_jax.data.spine_labels import CORPUS, CORPUS_INNER, DENS
 
+# phase_post.py POSTPROCESS_CROP_MARGIN_MM: the joint post-processing, and the labelling inside it, see the scan
+# cropped to the semantic mask's box plus int(this / the finest spacing) voxels.
+SPINE_CROP_MARGIN_MM = 2 * min(spatial.REFERENCE_SPACING)  # 1.5 mm
 LABELING_CROP_MARGIN_MM = 128.0  # phase_labeling.py: kept around the instances before rescaling
 MIN_DENS_VOLUME_MM3 = 250.0  # a dens overlap above this makes its instance C2
 ROTATION_MARGIN_VOXELS = 64  # lab_model.py extra_rotation_padding: added to the first two cutout axes
@@ -249,6 +252,18 @@ def centre_crop(patch: np.ndarray, size) -> np.ndarray:
 def model_input(block: np.ndarray, patch_size) -> np.ndarray:
   """Step 9: a raw cutout -> the network's input, float32 of `patch_size` (normalised before the crop)."""
   return centre_crop(normalise_nonzero(block), patch_size)
+
+
+def spine_crop(semantic: np.ndarray, affine: np.ndarray) -> tuple[slice, ...] | None:
+  """The box SPINEPS' joint post-processing crops the scan to (phase_post.py:119): the semantic mask's bounding
+  box grown by int(SPINE_CROP_MARGIN_MM / the finest spacing, TPTBox's zoom to 7 decimals) voxels; None when
+  the mask is empty."""
+  boxes = ndimage.find_objects((np.asarray(semantic) > 0).astype(np.int8))
+  if not boxes:
+    return None
+  zoom = np.round(np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0), 7)
+  margin = int(SPINE_CROP_MARGIN_MM / float(zoom.min()))
+  return tuple(slice(max(0, b.start - margin), min(n, b.stop + margin)) for b, n in zip(boxes[0], semantic.shape))
 
 
 def cut_patches(image: np.ndarray, affine: np.ndarray, instances: np.ndarray, semantic: np.ndarray | None = None, *,

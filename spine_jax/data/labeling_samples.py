@@ -18,6 +18,7 @@ from spine_jax.data import labeling_patches as lp
 from spine_jax.data import level_classes
 from spine_jax.data import levels as levels_lib
 from spine_jax.data import spatial
+from spine_jax.data import spineps_preprocess
 from spine_jax.data.phantoms import mri as mri_phantoms
 
 
@@ -47,7 +48,10 @@ def volume_record(image: np.ndarray, affine: np.ndarray, instances: np.ndarray, 
   level id (the instance ids are SPINEPS level ids), full visibility; and the patient's anatomy.
 
   `fully_visible_ids`: the vertebrae wholly inside the field; `spine_ids`: every vertebra of the patient's
-  spine, in the field or not (Anatomy.of)."""
+  spine, in the field or not (Anatomy.of). The scan is cropped as phase 3 gets it (`labeling_patches.spine_crop`)."""
+  if semantic is not None and (box := lp.spine_crop(semantic, affine)) is not None:  # the scan phase 3 sees
+    image, instances, semantic = image[box], instances[box], semantic[box]
+    affine = spineps_preprocess.crop_affine(affine, box)
   geometry = lp.patch_geometry(image, affine, lp.vertebra_instances(instances),
                                semantic if cfg.corpus_masked else None, zoom=tuple(cfg.zoom),
                                crop_margin_mm=cfg.crop_margin_mm, rotate=cfg.rotate, name=name)

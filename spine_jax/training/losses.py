@@ -162,3 +162,25 @@ def deep_supervision_loss(outputs, labels, **kwargs):
     per_level.append(dice_ce_loss(out, labels[:, ::f[0], ::f[1], ::f[2]], **kwargs))
   total = sum(float(w) * l for w, l in zip(weights, per_level) if w > 0)
   return total, per_level
+
+
+def grouped_cross_entropy(outputs, targets, group_weights, smoothing=0.0):
+  """The labelling network's loss: a weighted sum over output groups of each group's cross-entropy
+  (PLClassifier's per-head CE, summed).
+
+  Args:
+    outputs: {group: (B, C_g) logits}.
+    targets: {group: (B,) int class indices}; every group of `outputs` needs one.
+    group_weights: dict or ConfigDict group -> weight; a group without an entry weighs 1.
+    smoothing: label-smoothing ε shared by all groups.
+
+  Returns:
+    (per_sample_total (B,), per_group {group: (B,) unweighted losses}).
+  """
+  missing = [g for g in outputs if g not in targets]
+  if missing:
+    raise ValueError(f'no targets for the groups {missing}; targets hold {sorted(targets)}')
+  per_group = {g: smoothed_cross_entropy(logits, targets[g], smoothing) for g, logits in outputs.items()}
+  weights = dict(group_weights)
+  total = sum(float(weights.get(g, 1.0)) * loss for g, loss in per_group.items())
+  return total, per_group

@@ -84,3 +84,24 @@ def pseudo_dice(pred, labels, num_classes):
   denom = jnp.sum(p, axis=axes) + jnp.sum(t, axis=axes)
   present = denom > 0
   return jnp.sum(jnp.where(present, 2.0 * tp / jnp.maximum(denom, 1), 0.0)) / jnp.maximum(present.sum(), 1)
+
+
+def labeling_train_step(state, batch, *, config):
+  """One step of the labelling network: the weighted sum of its groups' cross-entropies, averaged over
+  the global batch; metrics are the loss per group and each group's accuracy."""
+  rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  targets = batch["targets"]
+  patches = batch["patch"][..., None]  # (B, P, I, R) -> one channel
+
+  def loss_fn(params):
+    outputs, updates = _apply_train(state, params, patches, rng)
+    per_sample, per_group = losses.grouped_cross_entropy(outputs, targets, config.loss.group_weights,
+                                                         config.loss.smoothing)
+    return per_sample.mean(), (updates, outputs, per_group)
+
+  (loss, (updates, outputs, per_group)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+  metrics = {"loss": loss, "grad_norm": _global_norm(grads)}
+  metrics.update({f"loss_{g}": v.mean() for g, v in per_group.items()})
+  metrics.update({f"acc_{g}": (outputs[g].argmax(-1) == targets[g]).mean() for g in outputs})
+  return state, metrics

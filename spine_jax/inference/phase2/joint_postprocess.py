@@ -35,6 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from spine_jax.data import levels as levels_lib
+from spine_jax.data import labeling_patches
 from spine_jax.data import spatial
 from spine_jax.data.spine_labels import ARCUS, ENDPLATE_INFERIOR, ENDPLATE_SUPERIOR, SPINOUS, VERTEBRA_PARTS
 from spine_jax.inference.phase2.common import (BODY, CUBE, DISC, DISC_OFFSET, EDGES, ENDPLATE, ENDPLATE_OFFSET,
@@ -43,7 +44,7 @@ from spine_jax.inference.phase2.common import (BODY, CUBE, DISC, DISC_OFFSET, ED
 from spine_jax.inference.phase2.labelling import first_vertebra_id, reassign_articular_processes
 
 # SPINEPS 2.1.3's constants (phase_post.py:37-51, proc_functions.py:21), from its T2w grid, which is ours.
-CROP_MARGIN_MM = 2 * min(spatial.REFERENCE_SPACING)  # 1.5 mm
+CROP_MARGIN_MM = labeling_patches.SPINE_CROP_MARGIN_MM  # 1.5 mm
 MISSING_GROW_STEPS = 2  # 6-connected steps the instances grow into uncovered vertebra voxels
 MERGED_SIZE_RATIO = 0.5  # the top instance merges only if smaller than this fraction of the next ...
 MERGED_MIN_CONTACT_MM2 = 20 * float(np.prod(spatial.REFERENCE_SPACING)) ** (2.0 / 3.0)  # ... and touches it more
