@@ -1,9 +1,11 @@
 """Procedural sagittal T2-weighted spines with SPINEPS labels: the default MRI training and test data.
 
 No patient scans can be shipped, so each volume is drawn from a seed: a spine of C1 to the sacrum
-(T13 or L6 now and then) whose sizes follow SPEC section 7 by level, laid along a sagittal curve
+(T13 or L6 now and then; `labeling_phantom_config()` adds eleven thoracic vertebrae and lumbosacral
+transitional forms) whose sizes follow SPEC section 7 by level, laid along a sagittal curve
 with cervical lordosis, thoracic kyphosis, lumbar lordosis and sacral kyphosis; a field of view
-over a random run of vertebrae cuts it, with parts of the neighbours at the edges as real scans do.
+over a random run of vertebrae cuts it, with parts of the neighbours at the edges as real scans do
+(for naming vertebrae: cervical, thoracic, lumbar or whole-spine fields, by which anchors they hold).
 Each vertebra is rigid in its own frame (u: to the patient's right, v: anterior, w: superior, mm,
 origin at the body's centre): body with concave endplates, pedicles and laminae, spinous,
 transverse and articular processes; discs fill the wedge between neighbouring endplates; the
@@ -18,9 +20,10 @@ axis-2 indices than 44/46/48 (right), and flipping axis 2 must swap these pairs.
 evaluated only in the voxel block its bounding box covers, which keeps a default volume well
 under a second.
 
-This module holds the settings and draws volumes and data sets; the anatomy (ids, sizes, pieces,
-curve, field of view) is `mri_anatomy.py`, the voxel field and the parts' shapes `mri_parts.py`,
-the painting of labels and intensities `mri_painting.py`.
+This module holds the settings (one function per data set) and draws volumes and data sets, which
+is why it runs past 400 lines; the anatomy (ids, sizes, pieces, transitional forms, curve, field of
+view) is `mri_anatomy.py`, the voxel field and the parts' shapes `mri_parts.py`, the painting of
+labels and intensities `mri_painting.py`.
 """
 from __future__ import annotations
 
@@ -34,9 +37,10 @@ from scipy import ndimage
 
 from spine_jax.data import nifti
 from spine_jax.data import spatial
-from spine_jax.data.phantoms.mri_anatomy import BONE_IDS, Frame, draw_pieces, field_window, make_curve
+from spine_jax.data.phantoms.mri_anatomy import (BONE_IDS, ColumnPlan, Frame, draw_pieces, field_kind, field_window,
+                                                 make_curve, vertebra_id)
 from spine_jax.data.spine_labels import CORPUS, DISC_OFFSET, ENDPLATE, ENDPLATE_OFFSET, SACRUM
-from spine_jax.data.phantoms.mri_parts import Field
+from spine_jax.data.phantoms.mri_parts import Field, piece_rows
 from spine_jax.data.phantoms.mri_painting import (draw_tissue, paint_atlas, paint_canal, paint_disc, paint_ribs,
                                                   paint_sacral, paint_soft_tissue, paint_vertebra, paint_vessels,
                                                   row_profiles, skin_line)
@@ -62,8 +66,16 @@ def default_mri_phantom_config() -> ml_collections.ConfigDict:
   # about a third of the fields reach the sacrum.
   cfg.top_level_choices = (tuple(f'C{i}' for i in range(2, 8)) + tuple(f'T{i}' for i in range(1, 13))
                            + ('L1',) + ('T12', 'L1') * 2)
+  # Transitional anatomy (ids in mri_anatomy's docstring). The thoracic rates exclude each other, as do the
+  # lumbosacral ones. Rates of 0 and degenerate rib ranges draw nothing, which keeps these volumes as they were.
   cfg.t13_probability = 0.03  # a 13th thoracic vertebra (SPINEPS id 28)
-  cfg.l6_probability = 0.03  # a 6th lumbar vertebra (SPINEPS id 25)
+  cfg.t11_probability = 0.0  # eleven thoracic vertebrae: T11 (18), then L1 (20)
+  cfg.l6_probability = 0.03  # a supernumerary 6th lumbar vertebra (SPINEPS id 25)
+  cfg.lumbarised_s1_probability = 0.0  # S1 freed as an L6 (25) above a four-segment sacrum
+  cfg.sacralised_l5_probability = 0.0  # L5 with broad costal processes reaching the sacral alae
+  cfg.last_rib_length_range = (1.0, 1.0)  # rib length of T12 (T11 with eleven), relative to a typical rib
+  cfg.t13_rib_length_range = (1.0, 1.0)
+  cfg.sacral_alae = False
   cfg.size_scale_range = (0.94, 1.06)  # whole-patient size; SPEC ranges are kept by clipping
   cfg.cervical_lordosis_deg = (20.0, 40.0)
   cfg.thoracic_kyphosis_deg = (20.0, 50.0)
@@ -101,6 +113,45 @@ def whole_spine_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+def labeling_phantom_config() -> ml_collections.ConfigDict:
+  """Fields for naming vertebrae: a mixture of study kinds that start anywhere from C1 to L3, with the
+  transitional forms at a few percent each (roughly their reported prevalence) and the level cues of
+  the last thoracic ribs and the sacral alae. Everything else is `default_mri_phantom_config()`.
+
+  Kinds (mri_anatomy.FIELD_KINDS) by their anchors: 'cervical' from C1/C2 down (no sacrum), 'thoracic'
+  (neither: tops from C4 to about T11, C2 and the sacrum kept wholly out of the field), 'lumbar' (the
+  sacrum and 3 to 10 vertebrae above it, tops from T8 to L3, no C2), 'whole' (C1 to the sacrum in one
+  stitched field at the reference spacing and R extent: about 250 x 900 x 32 voxels, 1.2 s of CPU, about
+  4x a default volume; the mixture averages 0.4 s). `top_level_choices` is not used.
+  """
+  cfg = default_mri_phantom_config()
+  cfg.field_kind_weights = ml_collections.ConfigDict(dict(cervical=0.25, thoracic=0.3, lumbar=0.3, whole=0.15))
+  cfg.lumbar_num_vertebrae_range = (4, 11)  # complete vertebrae of a lumbar field, the sacrum counted
+  cfg.whole_tilt_deg = 4.0  # a whole-spine field leans less: the stations are aligned on the spine
+  cfg.t13_probability = 0.03
+  cfg.t11_probability = 0.02
+  cfg.l6_probability = 0.02
+  cfg.lumbarised_s1_probability = 0.03
+  cfg.sacralised_l5_probability = 0.04
+  cfg.last_rib_length_range = (0.3, 1.0)  # the 12th rib ranges from a stub to full length
+  cfg.t13_rib_length_range = (0.0, 0.4)  # T13: rudimentary ribs, down to the head and neck alone
+  cfg.sacral_alae = True
+  return cfg
+
+
+def labeling_smoke_config() -> ml_collections.ConfigDict:
+  """`labeling_phantom_config()` small for tests: 3-5 vertebrae at twice the reference spacing, 16 slices."""
+  cfg = labeling_phantom_config()
+  cfg.num_train_volumes = 2
+  cfg.num_test_volumes = 1
+  cfg.spacing_mm = tuple(2.0 * s for s in spatial.REFERENCE_SPACING)
+  cfg.shape = (0, 0, 16)
+  cfg.shape_multiple = 8
+  cfg.num_vertebrae_range = (3, 5)
+  cfg.lumbar_num_vertebrae_range = (3, 6)
+  return cfg
+
+
 # Image formation
 
 
@@ -116,7 +167,7 @@ def _thick_slices(image: np.ndarray, spacing_r: float, thickness: float, phase: 
   if image.shape[2] < 2:
     return image
   sigma = np.sqrt(max(thickness ** 2 - spacing_r ** 2, 0.0)) / 2.355 / spacing_r
-  blurred = ndimage.gaussian_filter1d(image, sigma, axis=2, mode='nearest', truncate=2.5)
+  blurred = ndimage.gaussian_filter1d(image, sigma, axis=2, mode='nearest', truncate=2.5) if sigma > 1e-3 else image
   x = np.arange(image.shape[2]) * spacing_r
   slices = np.arange(-phase * thickness, x[-1] + thickness, thickness)
   return _interp_axis2(_interp_axis2(blurred, x, slices), slices, x)
@@ -155,13 +206,39 @@ def _form_image(rng, field: Field, cfg) -> np.ndarray:
 # Volumes
 
 
-def _fit_axis(lo: float, hi: float, spacing: float, fixed: int, multiple: int, rng) -> tuple[float, int]:
-  """(origin mm, voxels) of one axis covering [lo, hi]; a fixed size is centred, a fitted one rounded up."""
+def _fit_axis(lo: float, hi: float, spacing: float, fixed: int, multiple: int, rng,
+              limits: tuple[float, float] | None = None) -> tuple[float, int]:
+  """(origin mm, voxels) of one axis covering [lo, hi]; a fixed size is centred, a fitted one rounded up.
+
+  `limits` (mm) bound every voxel centre and win over covering [lo, hi]; where even they cannot hold
+  the axis, it is placed as without them.
+  """
   need = int(np.ceil((hi - lo) / spacing)) + 1
   n = int(fixed) if fixed else int(np.ceil(need / multiple) * multiple)
   spare = (n - need) * spacing
+  if limits is not None and limits[1] - limits[0] >= (n - 1) * spacing:
+    last = limits[1] - (n - 1) * spacing  # the latest start that keeps the far end within the limits
+    covering = (hi - (n - 1) * spacing, lo) if spare >= 0 else ((lo + hi - (n - 1) * spacing) / 2,) * 2
+    a, b = max(covering[0], limits[0]), min(covering[1], last)
+    if a > b:  # rounding made the axis longer than the room around the window: keep the limits
+      a = b = float(np.clip(covering[0], limits[0], last))
+    return (float(rng.uniform(a, b)) if b > a else float(a)), n
   start = lo - (rng.uniform(0.0, spare) if spare > 0 else spare / 2)
   return start, n
+
+
+def _anchor_free_rows(pieces, kind: str | None) -> tuple[float, float] | None:
+  """(top, bottom) world i (mm) that keep every voxel of an anchor a kind lacks out of the field: C1 and C2
+  for 'thoracic' and 'lumbar' fields, the sacrum for 'thoracic' and 'cervical' ones; None without a kind."""
+  if kind is None:
+    return None
+  top, bottom = -np.inf, np.inf
+  pad = 0.5  # mm beyond the parts' boxes, against rounding
+  if kind in ('thoracic', 'lumbar'):
+    top = max(piece_rows(p)[1] for p in pieces if p.name in ('C1', 'C2')) + pad
+  if kind in ('thoracic', 'cervical'):
+    bottom = min(piece_rows(p)[0] for p in pieces if p.kind == 'sacral') - pad
+  return top, bottom
 
 
 def make_spine(rng: np.random.Generator, cfg=None) -> dict:
@@ -173,13 +250,20 @@ def make_spine(rng: np.random.Generator, cfg=None) -> dict:
   cord included); affine (4, 4) PIR -> RAS mm; spacing (P, I, R) mm; levels (vertebrae with
   voxels in the field, top to bottom); full_levels (those wholly inside); centroids {instance
   id: voxel centroid}; body_centroids {vertebra id: centroid of its body and endplates, or of
-  the sacrum}; vertebrae (per level: id, dims, angle, centre in mm); cord_end_level.
+  the sacrum}; vertebrae (per level of the patient, in the field or not, top to bottom: id, dims,
+  angle, centre in mm, form ('typical', 't13' or the last lumbar's lumbosacral form), rib_voxels
+  (background voxels its ribs show)); cord_end_level.
+
+  For naming vertebrae: level_ids (the SPINEPS id of each of `levels`); has_c2 / has_sacrum (the
+  anchor has voxels in the field; fields of a drawn kind hold an anchor wholly or not at all);
+  field_kind ('cervical', 'thoracic', 'lumbar' or 'whole', from the anchors); thoracic_count (11, 12,
+  13), lumbar_count (5, 6) and lumbosacral (mri_anatomy.LUMBOSACRAL_FORMS) of the patient.
   """
   cfg = default_mri_phantom_config() if cfg is None else cfg
   spacing = np.asarray(cfg.spacing_mm, np.float64)
-  pieces = draw_pieces(rng, cfg)
-  s_top, s_bottom, full = field_window(rng, pieces, cfg)
-  curve = make_curve(rng, pieces, cfg, (s_top, s_bottom))
+  pieces, plan = draw_pieces(rng, cfg)
+  s_top, s_bottom, full, kind = field_window(rng, pieces, cfg)
+  curve = make_curve(rng, pieces, cfg, (s_top, s_bottom), cfg.get('whole_tilt_deg') if kind == 'whole' else None)
   for p in pieces:
     p.frame = Frame((curve.at(curve.p, p.s), curve.at(curve.i, p.s), curve.at(curve.r, p.s)),
                      curve.at(curve.phi, p.s))
@@ -188,8 +272,14 @@ def make_spine(rng: np.random.Generator, cfg=None) -> dict:
 
   # Field: rows from the window; P from the front of the bodies to the skin; R around the midline.
   i_lo, i_hi = curve.at(curve.i, s_top), curve.at(curve.i, s_bottom)
-  i0, n_i = _fit_axis(i_lo, i_hi, spacing[1], cfg.shape[1], cfg.shape_multiple, rng)
+  limits = _anchor_free_rows(pieces, kind)
+  if limits is not None:
+    i_lo, i_hi = max(i_lo, limits[0]), min(i_hi, limits[1])
+  i0, n_i = _fit_axis(i_lo, i_hi, spacing[1], cfg.shape[1], cfg.shape_multiple, rng, limits)
   i_axis = i0 + spacing[1] * np.arange(n_i)
+  if limits is not None:  # the limits can cut into the run's end vertebrae: complete ones keep their whole body
+    full = [k for k in full if i_axis[0] <= piece_rows(pieces[k], True)[0] and
+            piece_rows(pieces[k], True)[1] <= i_axis[-1]]
   keys = ('vc', 'depth', 'canal_depth', 'canal_width', 'lamina', 'spinous_length', 'spinous_angle', 'cover',
           'cord_depth', 'cord_width')
   rows = row_profiles(curve, pieces, i_axis, keys)
@@ -210,9 +300,7 @@ def make_spine(rng: np.random.Generator, cfg=None) -> dict:
   for upper, lower in zip(pieces[1:-1], pieces[2:]):
     if upper.kind == 'vertebra':
       paint_disc(field, upper, lower, tis, rng)
-  for piece in pieces:
-    if piece.kind == 'vertebra' and piece.name.startswith('T'):
-      paint_ribs(field, piece, tis)
+  ribs = {p.name: paint_ribs(field, p, tis) for p in pieces if p.kind == 'vertebra' and p.name.startswith('T')}
   for piece in pieces:
     if piece.kind == 'atlas':
       paint_atlas(field, piece, tis)
@@ -221,8 +309,10 @@ def make_spine(rng: np.random.Generator, cfg=None) -> dict:
     else:
       paint_sacral(field, piece, tis, sacral_marrow)
 
+  rib_voxels = {name: sum(int((field.sem[blk][mask] == 0).sum()) for blk, mask in painted)
+                for name, painted in ribs.items()}
   image = _form_image(rng, field, cfg)
-  return _summary(field, image, pieces, full, ends)
+  return _summary(field, image, pieces, full, ends, plan, rib_voxels)
 
 
 def _centroids(labels: np.ndarray) -> dict[int, tuple]:
@@ -235,8 +325,8 @@ def _centroids(labels: np.ndarray) -> dict[int, tuple]:
   return {int(k): tuple(float(s[k] / counts[k]) for s in sums) for k in np.flatnonzero(counts)}
 
 
-def _summary(field: Field, image, pieces, full, ends: dict) -> dict:
-  """The volume's dict: arrays, geometry and per-level facts."""
+def _summary(field: Field, image, pieces, full, ends: dict, plan: ColumnPlan, rib_voxels: dict) -> dict:
+  """The volume's dict: arrays, geometry, per-level facts and the field's kind and anatomy."""
   inst, sem = field.inst, field.sem
   centroids = _centroids(inst)
   body = np.where(sem == ENDPLATE, inst - ENDPLATE_OFFSET, 0).astype(np.int16)
@@ -251,14 +341,19 @@ def _summary(field: Field, image, pieces, full, ends: dict) -> dict:
     if p.ident in present:
       levels.append(p.name)
     vertebrae.append(dict(level=p.name, id=p.ident, s=p.s, centre_mm=tuple(map(float, p.frame.origin)),
-                          angle_deg=float(np.rad2deg(p.frame.angle)),
+                          angle_deg=float(np.rad2deg(p.frame.angle)), form=p.form,
+                          rib_voxels=rib_voxels.get(p.name, 0),
                           dims={k: v for k, v in p.dims.items() if not isinstance(v, str)}))
   cord_end = next((p.name for p in pieces if p.s + p.dims['height'] / 2 + p.dims['disc'] >= ends['conus']), None)
+  has_c2, has_sacrum = 'C2' in levels, 'S1' in levels
   return dict(image=image, semantic=sem, instance=inst, affine=field.affine(),
               spacing=tuple(float(s) for s in field.spacing), levels=levels,
+              level_ids=[vertebra_id(level) for level in levels],
               full_levels=[pieces[k].name for k in full if pieces[k].ident in present],
               centroids=centroids, body_centroids=body_centroids, vertebrae=vertebrae,
-              cord_end_level=cord_end, conus_s=float(ends['conus']))
+              cord_end_level=cord_end, conus_s=float(ends['conus']),
+              field_kind=field_kind(has_c2, has_sacrum), has_c2=has_c2, has_sacrum=has_sacrum,
+              thoracic_count=plan.thoracic, lumbar_count=plan.lumbar, lumbosacral=plan.lumbosacral)
 
 
 def split_size(cfg, split: str) -> int:

@@ -1,6 +1,13 @@
 """The MRI phantoms' anatomy: SPINEPS label ids, sizes by level (SPEC section 7), the spine's pieces
-and the sagittal curve they are laid along (cervical lordosis, thoracic kyphosis, lumbar lordosis,
-sacral kyphosis), and the field of view that cuts them. Part of `mri.py`'s phantoms.
+with their transitional forms, the sagittal curve they are laid along (cervical lordosis, thoracic
+kyphosis, lumbar lordosis, sacral kyphosis), and the field of view that cuts them. Part of `mri.py`'s
+phantoms.
+
+Transitional forms and their SPINEPS ids (as SPINEPS' labelling names them: `read_labels.get_subject_info`
+and `phase_labeling.fpath_post_processing`): a 13th thoracic vertebra is T13 (28) between T12 (19) and
+L1 (20); with eleven thoracic vertebrae the last is T11 (18) and the next L1 (20), id 19 unused; a sixth
+lumbar vertebra, supernumerary or a lumbarised S1 above a four-segment sacrum, is L6 (25); a sacralised
+L5 keeps L5 (24). The sacrum is always 'S1' (26), whatever its first segment.
 """
 from __future__ import annotations
 
@@ -47,18 +54,60 @@ _FUSED_GAP_MM = 2.5  # remnant disc between fused sacral segments
 C1_HEIGHT_MM, _C1_GAP_MM = 10.0, 3.0  # atlas ring height, its gap above C2's body (the dens fills it)
 _STEP_MM = 0.5  # arc-length sampling of the spine curve
 _FAR = np.float32(1.0e3)
+# The config's rate of each transitional form; thoracic counts and lumbosacral forms exclude each other.
+TRANSITION_RATE_FIELDS = ('t13_probability', 't11_probability', 'l6_probability', 'lumbarised_s1_probability',
+                          'sacralised_l5_probability')
+# 'l6': a supernumerary lumbar vertebra above a whole sacrum; 'lumbarised_s1': the first sacral segment
+# free as an L6 (rudimentary disc below, broad costal processes) above a four-segment sacrum;
+# 'sacralised_l5': L5 with broad costal processes reaching down to the sacral alae, rudimentary disc below.
+LUMBOSACRAL_FORMS = ('typical', 'l6', 'lumbarised_s1', 'sacralised_l5')
+_RUDIMENTARY_DISC = (0.3, 0.5)  # height of a transitional vertebra's disc to the sacrum, relative to a lumbar disc
 
 
 # ---------------------------------------------------------------------------------------------
 # Levels and sizes
 
 
+@dataclasses.dataclass(frozen=True)
+class ColumnPlan:
+  """One patient's count of thoracic vertebrae (11, 12 or 13) and lumbosacral form (LUMBOSACRAL_FORMS)."""
+  thoracic: int = 12
+  lumbosacral: str = 'typical'
+
+  @property
+  def lumbar(self) -> int:
+    return 6 if self.lumbosacral in ('l6', 'lumbarised_s1') else 5
+
+  @property
+  def levels(self) -> list[str]:
+    """C1 .. S1 by SPINEPS' names, top to bottom."""
+    return ([f'C{i}' for i in range(1, 8)] + [f'T{i}' for i in range(1, self.thoracic + 1)]
+            + [f'L{i}' for i in range(1, self.lumbar + 1)] + ['S1'])
+
+
+def column_rates(cfg) -> dict:
+  """The transitional forms' rates of a phantom config (absent fields: 0)."""
+  rates = {name: float(cfg.get(name, 0.0)) for name in TRANSITION_RATE_FIELDS}
+  for group in (TRANSITION_RATE_FIELDS[:2], TRANSITION_RATE_FIELDS[2:]):
+    values = [rates[name] for name in group]
+    if min(values) < 0.0 or sum(values) > 1.0:
+      raise ValueError(f'phantom config: {", ".join(group)} must be probabilities summing to at most 1, got {values}')
+  return rates
+
+
+def draw_column(rng: np.random.Generator, rates: dict) -> ColumnPlan:
+  """Thoracic count and lumbosacral form: one uniform draw each, so zero rates leave the random stream as it was."""
+  u = rng.random()
+  t13, t11 = rates.get('t13_probability', 0.0), rates.get('t11_probability', 0.0)
+  thoracic = 13 if u < t13 else 11 if u < t13 + t11 else 12
+  edges = np.cumsum([rates.get(f'{form}_probability', 0.0) for form in LUMBOSACRAL_FORMS[1:]])
+  k = int(np.searchsorted(edges, rng.random(), side='right'))
+  return ColumnPlan(thoracic, LUMBOSACRAL_FORMS[k + 1] if k < len(edges) else 'typical')
+
+
 def spine_levels(rng: np.random.Generator, t13_probability: float = 0.0, l6_probability: float = 0.0):
   """C1 .. S1 of one patient: 12 thoracic and 5 lumbar vertebrae, now and then T13 or L6."""
-  thoracic = 13 if rng.random() < t13_probability else 12
-  lumbar = 6 if rng.random() < l6_probability else 5
-  return ([f'C{i}' for i in range(1, 8)] + [f'T{i}' for i in range(1, thoracic + 1)]
-          + [f'L{i}' for i in range(1, lumbar + 1)] + ['S1'])
+  return draw_column(rng, dict(t13_probability=t13_probability, l6_probability=l6_probability)).levels
 
 
 def vertebra_id(level: str) -> int:
@@ -96,15 +145,47 @@ def _c1_dims(c2: dict) -> dict:
               canal_width=c2['canal_width'] + 2.0, region='cervical')
 
 
-def _sacral_dims(l5: dict, rng: np.random.Generator) -> list[dict]:
-  """S1-S5 segments: shrinking bodies with a dorsal wall around a narrowing canal."""
+def _sacral_dims(l5: dict, rng: np.random.Generator, first: int = 0) -> list[dict]:
+  """Sacral segments from S{first + 1} down to S5: shrinking bodies with a dorsal wall around a narrowing canal."""
   h1 = rng.uniform(26.0, 30.0)
+  scales = _SACRAL_SCALE[first:]
   out = []
-  for k, (fh, fd, fw) in enumerate(_SACRAL_SCALE):
+  for k, (fh, fd, fw) in enumerate(scales):
     out.append(dict(l5, height=h1 * fh, depth=l5['depth'] * fd * rng.uniform(0.98, 1.05), width=l5['width'] * fw,
                     disc=_FUSED_GAP_MM, canal_depth=max(13.0 - 2.5 * k, 4.0), canal_width=max(24.0 - 3.5 * k, 8.0),
-                    lamina=max(6.0 - k, 3.0), region='sacral', segment=k + 1))
+                    lamina=max(6.0 - k, 3.0), region='sacral', segment=k + 1, segments=len(scales)))
   return out
+
+
+def _draw_range(rng: np.random.Generator, bounds) -> float:
+  """A uniform draw from (lo, hi); a degenerate range draws nothing, so the random stream stays as it was."""
+  lo, hi = (float(b) for b in bounds)
+  return lo if lo == hi else float(rng.uniform(lo, hi))
+
+
+def _apply_forms(plan: ColumnPlan, pieces: list, rng: np.random.Generator, cfg) -> None:
+  """Transitional shapes: rib lengths of the last thoracic levels, the lumbosacral junction's costal processes
+  and rudimentary disc. Typical spines with the default rib ranges draw nothing."""
+  by_name = {p.name: p for p in pieces}
+  for p in pieces:
+    if p.dims['region'] == 'thoracic':
+      p.dims['rib'] = 1.0
+  last_rib = by_name[f'T{min(plan.thoracic, 12)}']
+  last_rib.dims['rib'] = _draw_range(rng, cfg.get('last_rib_length_range', (1.0, 1.0)))
+  if 'T13' in by_name:
+    by_name['T13'].form = 't13'
+    by_name['T13'].dims['rib'] = _draw_range(rng, cfg.get('t13_rib_length_range', (1.0, 1.0)))
+  if plan.lumbosacral == 'typical':
+    return
+  last = by_name[f'L{plan.lumbar}']
+  last.form = plan.lumbosacral
+  if plan.lumbosacral == 'l6':
+    return
+  last.dims['disc'] *= rng.uniform(*_RUDIMENTARY_DISC)
+  last.dims['disc_below'] = 'rudimentary'
+  last.dims['costal'] = 'alar' if plan.lumbosacral == 'sacralised_l5' else 'broad'
+  if plan.lumbosacral == 'lumbarised_s1':
+    last.dims['height'] *= rng.uniform(0.88, 0.96)  # the freed segment: squarer and lower than a lumbar body
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,30 +223,36 @@ class Piece:
   dims: dict
   s: float  # arc length of the body's centre
   frame: Frame | None = None
+  form: str = 'typical'  # or 't13', or the last lumbar's LUMBOSACRAL_FORMS
 
 
-def draw_pieces(rng: np.random.Generator, cfg) -> list[Piece]:
-  """The whole column for one patient with arc positions (body centres; discs between)."""
-  names = spine_levels(rng, cfg.t13_probability, cfg.l6_probability)
+def draw_pieces(rng: np.random.Generator, cfg) -> tuple[list[Piece], ColumnPlan]:
+  """The whole column for one patient with arc positions (body centres; discs between), and its plan."""
+  plan = draw_column(rng, column_rates(cfg))
+  names = plan.levels
   scale = rng.uniform(*cfg.size_scale_range)
   dims = {n: level_dims(n, scale, rng) for n in names if n not in ('C1', 'S1')}
   pieces = [Piece('C1', vertebra_id('C1'), 'atlas', _c1_dims(dims['C2']), 0.0)]
   pieces += [Piece(n, vertebra_id(n), 'vertebra', dims[n], 0.0) for n in names[1:-1]]
   last_lumbar = dims[names[-2]]
-  for k, d in enumerate(_sacral_dims(last_lumbar, rng)):
+  first = 1 if plan.lumbosacral == 'lumbarised_s1' else 0  # its S1 is the L6 above
+  for k, d in enumerate(_sacral_dims(last_lumbar, rng, first)):
     pieces.append(Piece(f'S{k + 1}', vertebra_id('S1'), 'sacral', d, 0.0))
+  _apply_forms(plan, pieces, rng, cfg)
+  if cfg.get('sacral_alae', False):
+    next(p for p in pieces if p.kind == 'sacral').dims['alae'] = True
   for prev, cur in zip(pieces[:-1], pieces[1:]):
     cur.s = prev.s + prev.dims['height'] / 2 + prev.dims['disc'] + cur.dims['height'] / 2
   for k, p in enumerate(pieces):  # neighbours' disc heights, for the articular processes
     p.dims['disc_above'] = pieces[k - 1].dims['disc'] if k else _C1_GAP_MM
     p.dims['vc'] = p.dims['depth'] / 2 + p.dims['canal_depth'] / 2 - 2.5  # canal centre behind the body's
-  return pieces
+  return pieces, plan
 
 
 def _curvature(pieces: list[Piece], s: np.ndarray, angles_deg: dict) -> np.ndarray:
   """Curvature (rad/mm, positive = lordosis) along arc length s: each region's angle spread over its length."""
   by_name = {p.name: p for p in pieces}
-  last_t = 'T13' if 'T13' in by_name else 'T12'
+  last_t = [p.name for p in pieces if p.dims['region'] == 'thoracic'][-1]
 
   def below(name):
     p = by_name[name]
@@ -173,7 +260,7 @@ def _curvature(pieces: list[Piece], s: np.ndarray, angles_deg: dict) -> np.ndarr
 
   s_c2, s_ct, s_tl = by_name['C2'].s, below('C7'), below(last_t)
   s_sac = by_name['S1'].s - by_name['S1'].dims['height'] / 2
-  s_end = by_name['S5'].s + by_name['S5'].dims['height'] / 2
+  s_end = pieces[-1].s + pieces[-1].dims['height'] / 2
   k = np.full(s.shape, np.deg2rad(angles_deg['cervical']) / (s_ct - s_c2))
   k[s >= s_ct] = -np.deg2rad(angles_deg['thoracic']) / (s_tl - s_ct)
   lumbar = (s >= s_tl) & (s < s_sac)  # most of the lordosis is at L4-S1: weight rising 0.4 -> 1.6
@@ -196,16 +283,65 @@ class Curve:
     return np.interp(s_query, self.s, values)
 
 
-def field_window(rng, pieces, cfg) -> tuple[float, float, list[int]]:
-  """Arc-length window (top, bottom) of the field and the indices of its complete vertebrae."""
+FIELD_KINDS = ('cervical', 'thoracic', 'lumbar', 'whole')
+
+
+def field_kind(has_c2: bool, has_sacrum: bool) -> str:
+  """A field's kind by its anchors: 'cervical' (C2, no sacrum), 'lumbar' (sacrum, no C2), 'whole' (both), 'thoracic'."""
+  return ('whole' if has_sacrum else 'cervical') if has_c2 else ('lumbar' if has_sacrum else 'thoracic')
+
+
+def draw_field_kind(rng: np.random.Generator, weights) -> str:
+  """A kind from `field_kind_weights` (a mapping over FIELD_KINDS; missing kinds weigh 0)."""
+  unknown = sorted(set(weights) - set(FIELD_KINDS))
+  w = np.array([float(weights.get(k, 0.0)) for k in FIELD_KINDS])
+  if unknown or w.min() < 0 or w.sum() <= 0:
+    raise ValueError(f'phantom config field_kind_weights: need non-negative weights over {", ".join(FIELD_KINDS)} '
+                     f'with a positive sum, got {dict(weights)}')
+  return FIELD_KINDS[int(rng.choice(len(FIELD_KINDS), p=w / w.sum()))]
+
+
+def _kind_run(rng, kind: str, last: int, cfg) -> tuple[int, int]:
+  """(first, last) index into the column C2 .. S1 (S1 at `last`) of a kind's complete vertebrae.
+
+  Fields without C2 start at C4 or below (C3, the vertebra above, is cut); fields without the sacrum end
+  two levels above it (the vertebra below is cut and is not the sacrum).
+  """
+  if kind == 'whole':
+    return 0, last
+  if kind == 'lumbar':
+    lo, hi = cfg.get('lumbar_num_vertebrae_range') or (None, None)
+    if lo is None:
+      raise ValueError('phantom config: lumbar fields (field_kind_weights.lumbar) need lumbar_num_vertebrae_range')
+    n = int(rng.integers(lo, hi + 1))
+    return max(last - n + 1, 2), last
+  n = int(rng.integers(cfg.num_vertebrae_range[0], cfg.num_vertebrae_range[1] + 1))
+  n = int(np.clip(n, 1, last - 3))
+  first = 0 if kind == 'cervical' else int(rng.integers(2, last - n))
+  return first, first + n - 1
+
+
+def field_window(rng, pieces, cfg) -> tuple[float, float, list[int], str | None]:
+  """Arc-length window (top, bottom) of the field, the indices of its complete vertebrae, and its drawn kind.
+
+  With `field_kind_weights` in the config the kind is drawn first and the run of vertebrae fits it;
+  without, the top level comes from `top_level_choices` and the kind is None (it follows from the content).
+  """
   column = [k for k, p in enumerate(pieces) if p.kind != 'sacral' or p.name == 'S1'][1:]  # C2 .. S1
   names = [pieces[k].name for k in column]
-  top = levels_lib.normalise_level(str(rng.choice(list(cfg.top_level_choices))))
-  if top not in names:
-    raise ValueError(f'top level {top} is not drawn in this spine; choose from C2 .. S1 (T13 and L6 are rare)')
-  first = names.index(top)
-  n = int(rng.integers(cfg.num_vertebrae_range[0], cfg.num_vertebrae_range[1] + 1))
-  full = column[first:first + max(n, 1)]
+  weights = cfg.get('field_kind_weights')
+  if weights:
+    kind = draw_field_kind(rng, weights)
+    first, stop = _kind_run(rng, kind, len(column) - 1, cfg)
+    full = column[first:stop + 1]
+  else:
+    kind = None
+    top = levels_lib.normalise_level(str(rng.choice(list(cfg.top_level_choices))))
+    if top not in names:
+      raise ValueError(f'top level {top} is not drawn in this spine; choose from C2 .. S1 (T13 and L6 are rare)')
+    first = names.index(top)
+    n = int(rng.integers(cfg.num_vertebrae_range[0], cfg.num_vertebrae_range[1] + 1))
+    full = column[first:first + max(n, 1)]
   a, b = pieces[full[0]], pieces[full[-1]]
   above = pieces[full[0] - 1]
   if above.kind == 'atlas':  # over C2: the dens, the atlas and a little of the skull base
@@ -218,11 +354,12 @@ def field_window(rng, pieces, cfg) -> tuple[float, float, list[int]]:
   else:
     below = pieces[full[-1] + 1]
     m_bot = rng.uniform(0.25, 0.9) * (b.dims['disc'] + below.dims['height'])
-  return a.s - a.dims['height'] / 2 - m_top, b.s + b.dims['height'] / 2 + m_bot, full
+  return a.s - a.dims['height'] / 2 - m_top, b.s + b.dims['height'] / 2 + m_bot, full, kind
 
 
-def make_curve(rng, pieces, cfg, window) -> Curve:
-  """Integrate the curvature; the mean tangent over the window's mobile spine (above S1) leans by a random tilt."""
+def make_curve(rng, pieces, cfg, window, tilt_deg: float | None = None) -> Curve:
+  """Integrate the curvature; the mean tangent over the window's mobile spine (above S1) leans by a random tilt
+  of up to `tilt_deg` (default: the config's)."""
   s = np.arange(pieces[0].s - 80.0, pieces[-1].s + 120.0, _STEP_MM)
   angles = dict(cervical=rng.uniform(*cfg.cervical_lordosis_deg), thoracic=rng.uniform(*cfg.thoracic_kyphosis_deg),
                 lumbar=rng.uniform(*cfg.lumbar_lordosis_deg), sacral=rng.uniform(*cfg.sacral_kyphosis_deg))
@@ -231,7 +368,8 @@ def make_curve(rng, pieces, cfg, window) -> Curve:
   inside = (s >= window[0]) & (s <= min(window[1], s1.s - s1.dims['height'] / 2))
   if not inside.any():  # a field of the sacrum alone
     inside = (s >= window[0]) & (s <= window[1])
-  phi += np.deg2rad(rng.uniform(-1, 1) * cfg.tilt_deg) - phi[inside].mean()
+  tilt = cfg.tilt_deg if tilt_deg is None else tilt_deg
+  phi += np.deg2rad(rng.uniform(-1, 1) * tilt) - phi[inside].mean()
   p = np.cumsum(np.sin(phi)) * _STEP_MM
   i = np.cumsum(np.cos(phi)) * _STEP_MM
   wave = rng.uniform(-1, 1) * cfg.scoliosis_mm * np.sin(2 * np.pi * s / rng.uniform(300, 600) + rng.uniform(0, 6.3))

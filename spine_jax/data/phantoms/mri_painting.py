@@ -10,11 +10,10 @@ import numpy as np
 from scipy import ndimage
 
 from spine_jax.data.phantoms import shapes
-from spine_jax.data.phantoms.mri_anatomy import C1_HEIGHT_MM, Curve, Piece
-from spine_jax.data.spine_labels import (ARCUS, CANAL, CORD, CORPUS, COSTAL_LEFT, COSTAL_RIGHT, DISC, DISC_OFFSET,
-                                         ENDPLATE, ENDPLATE_OFFSET, SACRUM)
-from spine_jax.data.phantoms.mri_parts import (Field, Part, body_section, capsule_part, end_surface, pedicle_z,
-                                               posterior_parts)
+from spine_jax.data.phantoms.mri_anatomy import Curve, Piece
+from spine_jax.data.spine_labels import CANAL, CORD, CORPUS, DISC, DISC_OFFSET, ENDPLATE, ENDPLATE_OFFSET
+from spine_jax.data.phantoms.mri_parts import (Field, Part, atlas_parts, body_section, capsule_part, dens_part,
+                                               end_surface, pedicle_z, posterior_parts, sacral_body, sacral_parts)
 
 
 # Painting
@@ -86,9 +85,7 @@ def _paint_body(field: Field, piece: Piece, tis: _Tissue, marrow: float, rng) ->
   inst[plate] = ENDPLATE_OFFSET + ident
   sig[plate] = np.float32(tis.cortex)
   if piece.name == 'C2':
-    p0 = (0.0, -b + 5.5, h / 2 - 3.0)
-    _paint_part(field, piece, capsule_part(CORPUS, p0, (0.0, -b + 5.0, h / 2 + 12.0), 5.0), d['cortex'], marrow,
-                tis.cortex)
+    _paint_part(field, piece, dens_part(d), d['cortex'], marrow, tis.cortex)
 
 
 def _body_marks(rng, d, u, v, w, value, tis):
@@ -138,6 +135,8 @@ def paint_disc(field: Field, upper: Piece, lower: Piece, tis: _Tissue, rng) -> N
   vertical = np.clip(np.minimum(frac, 1.0 - frac) / np.float32(0.12), 0.0, 1.0)
   odds = {'cervical': 0.15, 'thoracic': 0.1}.get(du['region'], 0.25)  # lower lumbar discs wear most
   degeneration = rng.uniform(0.1, 0.4) if rng.random() < odds else 0.0
+  if du.get('disc_below') == 'rudimentary':  # a transitional vertebra's disc to the sacrum: thin and dark
+    degeneration = max(degeneration, 0.6)
   nucleus = tis.nucleus * (1.0 - degeneration)
   value = np.float32(tis.annulus) + np.float32(nucleus - tis.annulus) * radial * vertical
   if rng.random() < 0.4:  # intranuclear cleft: a dark horizontal line in adult discs
@@ -156,76 +155,50 @@ def paint_vertebra(field: Field, piece: Piece, tis: _Tissue, rng) -> None:
   _paint_body(field, piece, tis, marrow, rng)
 
 
-def paint_ribs(field: Field, piece: Piece, tis: _Tissue) -> None:
-  """Rib heads and necks beside a thoracic vertebra: bone signal, but background label (SPINEPS has no ribs)."""
+def paint_ribs(field: Field, piece: Piece, tis: _Tissue) -> list:
+  """Rib heads, necks and shafts beside a thoracic vertebra: bone signal, but background label (SPINEPS has no ribs).
+
+  dims['rib'] is the rib's length relative to a typical one: short ribs (T13, often T12) are also thinner,
+  and a length of 0 leaves the head and neck only. Returns (block, mask) of the voxels painted.
+  """
   d = piece.dims
   h, cd, cw, pw, vc = d['height'], d['canal_depth'], d['canal_width'], d['pedicle'], d['vc']
   ta = np.deg2rad(d['transverse_angle'])
+  length = d.get('rib', 1.0)
+  radius, half = (4.0, 5.0) if length == 1.0 else (4.0 * (0.6 + 0.4 * length), 5.0 * (0.6 + 0.4 * length))
+  painted = []
   for sign in (-1.0, 1.0):
     p0 = np.array((sign * (d['width'] / 2 - 2.0), -d['depth'] / 2 + 3.0, h / 2))
     reach = pw / 2 + d['transverse_length']
     p1 = np.array((sign * (cw / 2 + pw / 2 + reach * np.cos(ta)), -0.15 * cd - vc - reach * np.sin(ta) + 4.0,
                    pedicle_z(h)[0]))
-    for a, b in ((p0, p1), (p1, p1 + (sign * 25.0, 6.0, -8.0))):
-      part = capsule_part(0, a, b, 4.0, 5.0)
+    segments = [(p0, p1)] + ([(p1, p1 + np.multiply((sign * 25.0, 6.0, -8.0), length))] if length > 0 else [])
+    for a, b in segments:
+      part = capsule_part(0, a, b, radius, half)
       blk = field.block_of(piece.frame.corners(part.lo, part.hi))
       if blk is None:
         continue
       sdf = part.sdf(*field.local(piece.frame, blk))
       free = (sdf <= 0) & (field.sem[blk] == 0)
       field.signal[blk][free] = np.where(sdf[free] > -1.0, np.float32(tis.cortex), np.float32(tis.marrow * 0.9))
+      painted.append((blk, free))
+  return painted
 
 
 def paint_atlas(field: Field, piece: Piece, tis: _Tissue) -> None:
   """C1: anterior arch, lateral masses and posterior arch around the dens and the canal; all arcus (41)."""
-  d = piece.dims
-  cd, cw, vc, b2 = d['canal_depth'], d['canal_width'], d['vc'], d['depth'] / 2
-  half = C1_HEIGHT_MM / 2
-  parts = [capsule_part(ARCUS, (-7.0, -b2 + 14.0, 0.0), (7.0, -b2 + 14.0, 0.0), 3.5, half),
-           capsule_part(COSTAL_LEFT, (-cw / 2 - 6.0, -b2 + 2.0, 0.0), (-cw / 2 - 22.0, -b2, 0.0), 3.5, 4.0),
-           capsule_part(COSTAL_RIGHT, (cw / 2 + 6.0, -b2 + 2.0, 0.0), (cw / 2 + 22.0, -b2, 0.0), 3.5, 4.0)]
-  for sign in (-1.0, 1.0):
-    parts.append(capsule_part(ARCUS, (sign * (cw / 2 + 1.0), -b2 + 10.0, 0.0), (sign * (cw / 2 + 2.0), -vc, 0.0),
-                               6.0, 1.1 * half))
-  lam = 5.0
-
-  def posterior_arch(u, v, w):
-    vv = v + np.float32(vc)
-    ring = np.maximum(shapes.ellipse_sdf(u, vv, cw / 2 + lam, cd / 2 + lam), -shapes.ellipse_sdf(u, vv, cw / 2, cd / 2))
-    return np.maximum(np.maximum(ring, vv), np.abs(w) - np.float32(0.7 * half))
-  parts.append(Part(ARCUS, (-cw / 2 - lam, -cd / 2 - lam - vc, -half), (cw / 2 + lam, -vc, half), posterior_arch))
-  for part in parts:
-    _paint_part(field, piece, part, d['cortex'], tis.marrow * 0.92, tis.cortex)
+  for part in atlas_parts(piece.dims):
+    _paint_part(field, piece, part, piece.dims['cortex'], tis.marrow * 0.92, tis.cortex)
 
 
 def paint_sacral(field: Field, piece: Piece, tis: _Tissue, marrow: float) -> None:
-  """One fused sacral segment (26, instance 26): body, dorsal wall, median crest; S1 with its articular processes."""
+  """One fused sacral segment (26, instance 26) and the line of the fused disc's remnant below it."""
   d = piece.dims
-  h, a, b, cd, cw, lam, vc = (d['height'], d['width'] / 2, d['depth'] / 2, d['canal_depth'], d['canal_width'],
-                              d['lamina'], d['vc'])
-  gap = d['disc'] / 2 if d['segment'] < 5 else 0.0
-  top_gap = d['disc_above'] / 2 if d['segment'] > 1 else 0.0
-
-  def body(u, v, w):
-    sec = np.maximum(shapes.ellipse_sdf(u, v, a, b), -shapes.ellipse_sdf(u, v + np.float32(vc), cw / 2, cd / 2))
-    return np.maximum(sec, np.maximum(w - np.float32(h / 2 + top_gap), -w - np.float32(h / 2 + gap)))
-
-  def dorsal(u, v, w):
-    vv = v + np.float32(vc)
-    ring = np.maximum(shapes.ellipse_sdf(u, vv, cw / 2 + lam, cd / 2 + lam), -shapes.ellipse_sdf(u, vv, cw / 2, cd / 2))
-    return np.maximum(np.maximum(ring, vv), np.maximum(w - np.float32(h / 2 + top_gap), -w - np.float32(h / 2 + gap)))
-  parts = [Part(SACRUM, (-a, -b, -h / 2 - gap), (a, b, h / 2 + top_gap), body),
-           Part(SACRUM, (-cw / 2 - lam, -cd / 2 - lam - vc, -h / 2 - gap), (cw / 2 + lam, -vc, h / 2 + top_gap),
-                 dorsal),
-           capsule_part(SACRUM, (0.0, -cd / 2 - lam - vc, 0.3 * h), (0.0, -cd / 2 - lam - vc - 4.0, -0.3 * h), 2.5)]
-  if d['segment'] == 1:
-    px = cw / 2 + 2.0
-    for sign in (-1.0, 1.0):
-      parts.append(capsule_part(SACRUM, (sign * px, -0.3 * cd - vc, 0.2 * h),
-                                 (sign * px, -0.3 * cd - vc - 1.0, h / 2 + d['disc_above'] - d['facet']), d['facet']))
-  for part in parts:
+  for part in sacral_parts(d):
     _paint_part(field, piece, part, d['cortex'], marrow, tis.cortex)
-  if d['segment'] < 5:  # the remnant of the fused disc below: a line of its own signal
+  if d['segment'] < d['segments']:  # the remnant of the fused disc below: a line of its own signal
+    h, a, b = d['height'], d['width'] / 2, d['depth'] / 2
+    body, gap, _ = sacral_body(d)
     blk = field.block_of(piece.frame.corners((-a, -b, -h / 2 - gap), (a, b, -h / 2 + 1.0)))
     if blk is not None:
       u, v, w = field.local(piece.frame, blk)

@@ -1,5 +1,6 @@
-"""The MRI phantoms' voxel field and the vertebra's parts as signed distances (mm, negative inside)
-in the vertebra's own frame (u: right, v: anterior, w: superior). Part of `mri.py`'s phantoms.
+"""The MRI phantoms' voxel field and the bones' parts (vertebra, atlas, sacral segment) as signed
+distances (mm, negative inside) in the piece's own frame (u: right, v: anterior, w: superior), with
+the rows of the field a piece can reach. Part of `mri.py`'s phantoms.
 """
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import dataclasses
 import numpy as np
 
 from spine_jax.data.phantoms import shapes
-from spine_jax.data.phantoms.mri_anatomy import Frame
-from spine_jax.data.spine_labels import (ARCUS, COSTAL_LEFT, COSTAL_RIGHT, INFERIOR_ARTICULAR_LEFT,
-                                         INFERIOR_ARTICULAR_RIGHT, SPINOUS, SUPERIOR_ARTICULAR_LEFT,
+from spine_jax.data.phantoms.mri_anatomy import C1_HEIGHT_MM, Frame, Piece
+from spine_jax.data.spine_labels import (ARCUS, CORPUS, COSTAL_LEFT, COSTAL_RIGHT, INFERIOR_ARTICULAR_LEFT,
+                                         INFERIOR_ARTICULAR_RIGHT, SACRUM, SPINOUS, SUPERIOR_ARTICULAR_LEFT,
                                          SUPERIOR_ARTICULAR_RIGHT)
 
 
@@ -120,13 +121,7 @@ def posterior_parts(d: dict) -> list[Part]:
   s1 = s0 + (0.0, -sl * np.cos(sa), -sl * np.sin(sa))
   tall = {'cervical': 0.25, 'thoracic': 0.25, 'lumbar': 0.32}.get(d['region'], 0.3) * h
   parts.append(capsule_part(SPINOUS, s0, s1, 2.5 if d['region'] == 'cervical' else 3.0, tall))
-  # Transverse (costal) processes: lateral from the pedicle, forward in the neck, backward in the thorax.
-  tl, ta = d['transverse_length'], np.deg2rad(d['transverse_angle'])
-  t_vv = 0.25 * cd if d['region'] == 'cervical' else -0.15 * cd
-  for sign, label in ((-1.0, COSTAL_LEFT), (1.0, COSTAL_RIGHT)):
-    t0 = np.array((sign * (cw / 2 + pw / 2), t_vv - vc, ped_z - 0.05 * h))
-    t1 = t0 + (sign * (pw / 2 + tl) * np.cos(ta), -(pw / 2 + tl) * np.sin(ta), 0.0)
-    parts.append(capsule_part(label, t0, t1, 3.5, 0.16 * h))
+  parts += _costal_parts(d, ped_z)
   # Articular processes: superior rising to the level of the vertebra above's lower endplate,
   # inferior reaching down behind the superior process of the vertebra below.
   fr = d['facet']
@@ -140,6 +135,111 @@ def posterior_parts(d: dict) -> list[Part]:
     b1 = (sign * (px - 1.0), b_vv, -h / 2 - d['disc'] - 0.2 * h + fr)
     parts.append(capsule_part(inf, b0, b1, fr))
   return parts
+
+
+def _costal_parts(d: dict, ped_z: float) -> list[Part]:
+  """Transverse (costal) processes: lateral from the pedicle, forward in the neck, backward in the thorax.
+
+  A transitional last lumbar vertebra has broad ones; a sacralised L5's ('alar') also run down beside
+  the rudimentary disc to the sacral ala below.
+  """
+  h, cd, cw, pw, vc = d['height'], d['canal_depth'], d['canal_width'], d['pedicle'], d['vc']
+  tl, ta = d['transverse_length'], np.deg2rad(d['transverse_angle'])
+  t_vv = 0.25 * cd if d['region'] == 'cervical' else -0.15 * cd
+  form = d.get('costal', 'typical')
+  parts = []
+  for sign, label in ((-1.0, COSTAL_LEFT), (1.0, COSTAL_RIGHT)):
+    t0 = np.array((sign * (cw / 2 + pw / 2), t_vv - vc, ped_z - 0.05 * h))
+    t1 = t0 + (sign * (pw / 2 + tl) * np.cos(ta), -(pw / 2 + tl) * np.sin(ta), 0.0)
+    if form == 'typical':
+      parts.append(capsule_part(label, t0, t1, 3.5, 0.16 * h))
+      continue
+    parts.append(capsule_part(label, t0, t1, 5.0, 0.25 * h))
+    if form == 'alar':  # down past the rudimentary disc, where the ala rises to meet it
+      t2 = t1 + (sign * 3.0, 0.0, -(t1[2] + h / 2 + d['disc'] + 4.0))
+      parts.append(capsule_part(label, t1, t2, 5.5, 7.0))
+  return parts
+
+
+def dens_part(d: dict) -> Part:
+  """C2's dens: a peg rising from the front of its body through the atlas' ring."""
+  b, h = d['depth'] / 2, d['height']
+  return capsule_part(CORPUS, (0.0, -b + 5.5, h / 2 - 3.0), (0.0, -b + 5.0, h / 2 + 12.0), 5.0)
+
+
+def atlas_parts(d: dict) -> list[Part]:
+  """C1: anterior arch, lateral masses (with their transverse processes) and posterior arch; no body."""
+  cd, cw, vc, b2 = d['canal_depth'], d['canal_width'], d['vc'], d['depth'] / 2
+  half = C1_HEIGHT_MM / 2
+  parts = [capsule_part(ARCUS, (-7.0, -b2 + 14.0, 0.0), (7.0, -b2 + 14.0, 0.0), 3.5, half),
+           capsule_part(COSTAL_LEFT, (-cw / 2 - 6.0, -b2 + 2.0, 0.0), (-cw / 2 - 22.0, -b2, 0.0), 3.5, 4.0),
+           capsule_part(COSTAL_RIGHT, (cw / 2 + 6.0, -b2 + 2.0, 0.0), (cw / 2 + 22.0, -b2, 0.0), 3.5, 4.0)]
+  for sign in (-1.0, 1.0):
+    parts.append(capsule_part(ARCUS, (sign * (cw / 2 + 1.0), -b2 + 10.0, 0.0), (sign * (cw / 2 + 2.0), -vc, 0.0),
+                               6.0, 1.1 * half))
+  lam = 5.0
+
+  def posterior_arch(u, v, w):
+    vv = v + np.float32(vc)
+    ring = np.maximum(shapes.ellipse_sdf(u, vv, cw / 2 + lam, cd / 2 + lam), -shapes.ellipse_sdf(u, vv, cw / 2, cd / 2))
+    return np.maximum(np.maximum(ring, vv), np.abs(w) - np.float32(0.7 * half))
+  parts.append(Part(ARCUS, (-cw / 2 - lam, -cd / 2 - lam - vc, -half), (cw / 2 + lam, -vc, half), posterior_arch))
+  return parts
+
+
+def sacral_body(d: dict):
+  """(sdf, gap below, gap above) of a sacral segment's body: it reaches into the fused gaps to its neighbours."""
+  h, a, b, cd, cw, vc = d['height'], d['width'] / 2, d['depth'] / 2, d['canal_depth'], d['canal_width'], d['vc']
+  gap = d['disc'] / 2 if d['segment'] < d['segments'] else 0.0
+  top_gap = d['disc_above'] / 2 if d['segment'] > 1 else 0.0
+
+  def body(u, v, w):
+    sec = np.maximum(shapes.ellipse_sdf(u, v, a, b), -shapes.ellipse_sdf(u, v + np.float32(vc), cw / 2, cd / 2))
+    return np.maximum(sec, np.maximum(w - np.float32(h / 2 + top_gap), -w - np.float32(h / 2 + gap)))
+  return body, gap, top_gap
+
+
+def sacral_parts(d: dict) -> list[Part]:
+  """One fused sacral segment (all SACRUM): body, dorsal wall, median crest; the top one with its articular
+  processes, and its alae when the config draws them."""
+  h, a, b, cd, cw, lam, vc = (d['height'], d['width'] / 2, d['depth'] / 2, d['canal_depth'], d['canal_width'],
+                              d['lamina'], d['vc'])
+  body, gap, top_gap = sacral_body(d)
+
+  def dorsal(u, v, w):
+    vv = v + np.float32(vc)
+    ring = np.maximum(shapes.ellipse_sdf(u, vv, cw / 2 + lam, cd / 2 + lam), -shapes.ellipse_sdf(u, vv, cw / 2, cd / 2))
+    return np.maximum(np.maximum(ring, vv), np.maximum(w - np.float32(h / 2 + top_gap), -w - np.float32(h / 2 + gap)))
+  parts = [Part(SACRUM, (-a, -b, -h / 2 - gap), (a, b, h / 2 + top_gap), body),
+           Part(SACRUM, (-cw / 2 - lam, -cd / 2 - lam - vc, -h / 2 - gap), (cw / 2 + lam, -vc, h / 2 + top_gap),
+                 dorsal),
+           capsule_part(SACRUM, (0.0, -cd / 2 - lam - vc, 0.3 * h), (0.0, -cd / 2 - lam - vc - 4.0, -0.3 * h), 2.5)]
+  if d['segment'] == 1:
+    px = cw / 2 + 2.0
+    for sign in (-1.0, 1.0):
+      parts.append(capsule_part(SACRUM, (sign * px, -0.3 * cd - vc, 0.2 * h),
+                                 (sign * px, -0.3 * cd - vc - 1.0, h / 2 + d['disc_above'] - d['facet']), d['facet']))
+      if d.get('alae'):  # the wings beside the body, their top level with its upper endplate
+        parts.append(capsule_part(SACRUM, (sign * (a - 6.0), -0.3 * b, 0.1 * h),
+                                   (sign * (a + 30.0), -0.9 * b, 0.05 * h), 9.0, 0.4 * h))
+  return parts
+
+
+def piece_rows(piece: Piece, body_only: bool = False) -> tuple[float, float]:
+  """(min, max) world i (mm, i runs inferior) that a labelled voxel of a piece (or of its body) can have:
+  its parts' boxes in its frame, so a field whose rows stay outside holds none of the piece."""
+  d = piece.dims
+  if piece.kind == 'atlas':
+    parts = atlas_parts(d)
+  elif piece.kind == 'sacral':
+    parts = sacral_parts(d)[:1] if body_only else sacral_parts(d)
+  else:
+    a, b = d['width'] / 2 * 1.05, d['depth'] / 2 * 1.05
+    parts = [Part(CORPUS, (-a, -b, -d['height'] / 2), (a, b, d['height'] / 2), None)]
+    if not body_only:
+      parts += posterior_parts(d) + ([dens_part(d)] if piece.name == 'C2' else [])
+  i = np.concatenate([piece.frame.corners(part.lo, part.hi)[:, 1] for part in parts])
+  return float(i.min()), float(i.max())
 
 
 def end_surface(d: dict, u, v, concave: bool):
