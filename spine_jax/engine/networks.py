@@ -19,6 +19,7 @@ import numpy as np
 
 from spine_jax.engine import mesh as mesh_lib
 from spine_jax.models import instance_unet
+from spine_jax.models import labeling
 from spine_jax.models import multitask
 from spine_jax.models import unet
 
@@ -37,7 +38,13 @@ def _instance(config) -> tuple[nn.Module, tuple[int, ...]]:
           (1, *config.data.cutout.cutout_size, config.model.in_channels))
 
 
-BUILDERS: dict[str, Callable] = {"bone_quality": _bone_quality, "semantic": _semantic, "instance": _instance}
+def _labeling(config) -> tuple[nn.Module, tuple[int, ...]]:
+  """One vertebra patch, (P, I, R) voxels in SPINEPS' order (models/labeling.py), one channel."""
+  return labeling.build_labeling_model(config.model), (1, *config.data.patch_size, 1)
+
+
+BUILDERS: dict[str, Callable] = {"bone_quality": _bone_quality, "semantic": _semantic, "instance": _instance,
+                                 "labeling": _labeling}
 
 
 def build(config) -> tuple[nn.Module, tuple[int, ...]]:

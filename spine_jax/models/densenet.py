@@ -58,6 +58,9 @@ _PRESETS = {
     'densenet201': dict(_IMAGENET, block_config=(6, 12, 48, 32)),
     # Fast CPU training on 64x64 slices: stride-2 3x3 stem, blocks at 32, 16, 8; 0.11 M parameters, F = 99.
     'small': dict(growth_rate=12, block_config=(3, 6, 4), num_init_features=24, bn_size=4, stem='light'),
+    # Vertebra labelling on ~64x64x16 patches on a CPU (models/labeling.py): SPINEPS' ImageNet stem (4x smaller),
+    # three blocks at 16x16x4, 8x8x2, 4x4x1; 0.30 M trunk parameters, F = 123.
+    'labeling_small': dict(growth_rate=12, block_config=(3, 6, 6), num_init_features=24, bn_size=4, stem='imagenet'),
     # Tests and smoke runs: compiles in seconds.
     'tiny': dict(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2, stem='small'),
 }
