@@ -15,9 +15,12 @@ exact grid, plus a quick-look <name>_seg-spine_snp.png. A folder is searched rec
 mask already exists are skipped (--overwrite redoes them); each failure is reported at the end.
 
   python -m spine_jax.predict spine --semantic_checkpoint=RUN_DIR --instance_checkpoint=RUN_DIR \
-      --input=scan.nii.gz|FOLDER --output=OUT_DIR [--first_vertebra=C2] [--ref_dir=DIR | --ref_instance=FILE]
+      --input=scan.nii.gz|FOLDER --output=OUT_DIR [--labeling_checkpoint=RUN_DIR | --first_vertebra=C2] \
+      [--ref_dir=DIR | --ref_instance=FILE]
 
-`spine` runs SPINEPS phases 1 and 2 (inference/spine.py) and writes, side by side, <name>_seg-spine_msk.nii.gz
+`spine` runs SPINEPS phases 1 and 2 (inference/spine.py), and phase 3 with --labeling_checkpoint: the labelling
+network and the level path name every vertebra (inference/phase3/naming.py); without it vertebrae are numbered
+by position from --first_vertebra and writes, side by side, <name>_seg-spine_msk.nii.gz
 (semantic), <name>_seg-vert_msk.nii.gz (numbered instances), <name>_seg-spine_ctd.json (centroids and phase
 2's warnings) and <name>_seg-spine_snp.png. Scans with all four are skipped unless --overwrite; a failed scan
 leaves none. With a reference instance mask, instance metrics are printed per scan. --output_format=spineps
@@ -39,6 +42,7 @@ from absl import logging
 
 from spine_jax import cli
 from spine_jax.data import bias_field
+from spine_jax.data import level_classes
 from spine_jax.engine import checkpoints
 from spine_jax.inference import batch
 
@@ -59,6 +63,9 @@ _SEMANTIC_CHECKPOINT = flags.DEFINE_string("semantic_checkpoint", None,
                                            "spine: phase 1 (semantic) bundle, run or checkpoint.")
 _INSTANCE_CHECKPOINT = flags.DEFINE_string("instance_checkpoint", None,
                                            "spine: phase 2 (instance) bundle, run or checkpoint.")
+_LABELING_CHECKPOINT = flags.DEFINE_string(
+    "labeling_checkpoint", None, "spine: phase 3 (labelling network) bundle, run or checkpoint: names every vertebra "
+    "(T13 and L6 included) instead of numbering them from --first_vertebra.")
 _FIRST_VERTEBRA = flags.DEFINE_string(
     "first_vertebra", None, "spine: level (e.g. C2, T10) or SPINEPS id of the topmost vertebra in the field "
     "(default: the instance config's, 1 = C1).")
@@ -303,6 +310,9 @@ def run_spine() -> int:
     raise app.UsageError("spine needs --semantic_checkpoint, --instance_checkpoint, --input and --output")
   if _REF_INSTANCE.value and _REF_DIR.value:
     raise app.UsageError("spine: give --ref_instance or --ref_dir, not both")
+  if _LABELING_CHECKPOINT.value and _FIRST_VERTEBRA.value:
+    raise app.UsageError("spine: --first_vertebra numbers by position when there is no --labeling_checkpoint; "
+                         "give one or the other")
   try:
     first = spine.parse_first_vertebra(_FIRST_VERTEBRA.value)
   except ValueError as e:
@@ -317,6 +327,8 @@ def run_spine() -> int:
   paths_of = {job: job.outputs() for job in jobs}
   todo, failures, skipped = _triage(jobs, lambda job: paths_of[job].values(), lambda job: paths_of[job]["semantic"])
   models = spine.load_spine_models(_SEMANTIC_CHECKPOINT.value, _INSTANCE_CHECKPOINT.value) if todo else None
+  labeling_model = (spine.load_labeling_model(_LABELING_CHECKPOINT.value, models[0].mesh)
+                    if models and _LABELING_CHECKPOINT.value else None)
   if models:
     inference_overrides(models[0].config, _DISABLE_TTA.value, _STEP_SIZE.value, _NO_N4.value)
   py_logging.getLogger(spine.PHASE2_LOGGER).setLevel(py_logging.ERROR)  # its warnings are printed per scan below
@@ -332,7 +344,8 @@ def run_spine() -> int:
       progress.file(segmented + 1, job.source.name)
       try:
         result = spine.segment_file(*models, job.source, paths, first_vertebra=first, progress=progress.stage,
-                                    input_digest=digests[job], output_format=_OUTPUT_FORMAT.value)
+                                    input_digest=digests[job], output_format=_OUTPUT_FORMAT.value,
+                                    labeling_model=labeling_model)
       except (ValueError, OSError, RuntimeError, MemoryError) as e:  # bad files; a scan too large for the device
         failures.append((job.source, e))
         print(f"\nFAILED {job.source.name} (reason at the end)", file=sys.stderr, flush=True)
@@ -361,7 +374,7 @@ def main(argv):
   cli.use_compilation_cache(_CACHE.value)
   try:
     return {"bone_quality": run_bone_quality, "semantic": run_semantic, "spine": run_spine}[argv[1]]()
-  except (batch.BatchError, checkpoints.CheckpointError) as e:  # the run as a whole cannot start
+  except (batch.BatchError, checkpoints.CheckpointError, level_classes.HeadError) as e:  # the run cannot start
     print(f"error: {e}", file=sys.stderr)
     return 1
 

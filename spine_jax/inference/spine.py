@@ -42,6 +42,7 @@ from spine_jax.inference.phase2 import common as phase2_common
 from spine_jax.inference.phase2 import joint_postprocess
 from spine_jax.inference.phase2 import labelling
 from spine_jax.inference.phase2 import pipeline as phase2
+from spine_jax.inference.phase3 import naming
 from spine_jax.reports import pictures
 
 OUTPUT_SUFFIXES = batch.OUTPUT_SUFFIXES
@@ -69,6 +70,13 @@ def load_spine_models(semantic_checkpoint, instance_checkpoint, mesh=None) -> tu
   state, config, mesh = restore.load_for_inference(instance_checkpoint, "instance", mesh)
   inst = Model(state, config, mesh, predict_lib.instance_predict_fn(state, mesh), str(instance_checkpoint))
   return sem, inst
+
+
+def load_labeling_model(checkpoint, mesh=None) -> Model:
+  """The labelling network (phase 3) from a training work directory, checkpoint folder or converted bundle."""
+  state, config, mesh = restore.load_for_inference(checkpoint, "labeling", mesh or mesh_lib.make_mesh())
+  naming.spec_of(config)  # heads and patch settings the path can read, or one clear error now
+  return Model(state, config, mesh, predict_lib.classifier_predict_fn(state, mesh), str(checkpoint))
 
 
 def parse_first_vertebra(value) -> int | None:
@@ -173,7 +181,8 @@ def instances_in_input_space(semantic: np.ndarray, affine: np.ndarray, instance_
 
 
 def segment_spine(image: np.ndarray, affine: np.ndarray, semantic_model: Model, instance_model: Model, *,
-                  first_vertebra=None, name="scan", progress: Callable | None = None) -> dict:
+                  first_vertebra=None, name="scan", progress: Callable | None = None,
+                  labeling_model: Model | None = None) -> dict:
   """Phases 1 and 2 on an image in memory: {semantic, instance, centroids, messages, seconds}.
 
   `semantic` (uint8 SPINEPS ids) and `instance` (int16: vertebrae 1-28, discs 100 + X, endplates
@@ -182,7 +191,9 @@ def segment_spine(image: np.ndarray, affine: np.ndarray, semantic_model: Model, 
   vertebra, fused bodies ...). `first_vertebra` (id or level name) overrides the instance config's
   numbering start. `progress(stage, done, total)` hears of sliding windows ('windows', done, total)
   and cutouts ('cutouts', done, None). `seconds` is the wall time of each step (preprocess,
-  semantic_network, semantic_cleanup, instance, postprocess, centroids).
+  semantic_network, semantic_cleanup, instance, postprocess, labeling, centroids). With `labeling_model`
+  (phase 3) the vertebrae are named by the labelling network and the level path instead of by position, and
+  `labeling` reports how (`naming.Naming.report`: per vertebra its level and the heads' probabilities).
   """
   affine = np.asarray(affine, np.float64)
   seconds: dict[str, float] = {}
@@ -201,10 +212,20 @@ def segment_spine(image: np.ndarray, affine: np.ndarray, semantic_model: Model, 
   if blank := semantic_lib.blank_image_message(image):
     messages = [blank, *messages]
   start = time.perf_counter()
+  if labeling_model is not None:
+    named = naming.name_vertebrae(image, affine, instances, semantic, labeling_model.fn,
+                                  naming.spec_of(labeling_model.config))
+    instances = naming.relabel(instances, named.mapping)
+    messages = [*messages, *(f"labelling: {m}" for m in named.messages)]
+    labeling_report = named.report()
+  else:
+    labeling_report = {"method": f"positions: the top vertebra is {int(cfg.first_vertebra)} "
+                                 "(--first_vertebra, or the instance model's default)"}
+  seconds["labeling"], start = time.perf_counter() - start, time.perf_counter()
   centroids = phase2.centroids(instances, semantic, affine)
   seconds["centroids"] = time.perf_counter() - start
   return {"semantic": semantic, "instance": instances, "centroids": centroids, "messages": messages,
-          "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+          "labeling": labeling_report, "seconds": {k: round(v, 3) for k, v in seconds.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +256,8 @@ def centroids_json(result: dict, meta: dict | None = None, output_format: str = 
   (world mm); in the 'spineps' output format SPINEPS' own file, TPTBox's POI of the masks on the grid of
   `affine` (voxel indices, `spineps_outputs.poi_json`), with `meta` and the messages among its header's fields."""
   info = {**(meta or {}), "messages": result["messages"]}
+  if "labeling" in result:
+    info["labeling"] = result["labeling"]
   if batch.check_output_format(output_format) == "spineps":
     return spineps_outputs.poi_json(result["semantic"], result["instance"], affine,
                                     {"source": "spine_jax predict spine", **info})
@@ -267,15 +290,18 @@ def write_outputs(result: dict, image: np.ndarray, affine: np.ndarray, paths: di
 
 
 def segment_file(semantic_model: Model, instance_model: Model, path, paths: dict, *, first_vertebra=None,
-                 progress=None, input_digest: str | None = None, output_format: str = "spine_jax") -> dict:
+                 progress=None, input_digest: str | None = None, output_format: str = "spine_jax",
+                 labeling_model: Model | None = None) -> dict:
   """Phases 1 and 2 on a NIfTI file, its four outputs written to `paths` (`output_paths`, in `output_format`);
   returns the result. `input_digest` (`batch.file_digest` of the file) is recorded in the outputs."""
   image, affine, header = semantic_lib.load_scan(path, semantic_model.config)
   result = segment_spine(image, affine, semantic_model, instance_model, first_vertebra=first_vertebra,
-                         name=str(path), progress=progress)
+                         name=str(path), progress=progress, labeling_model=labeling_model)
   meta = {"input": str(path), "semantic_checkpoint": semantic_model.checkpoint,
           "instance_checkpoint": instance_model.checkpoint,
           "first_vertebra": int(phase2_config(instance_model, first_vertebra).first_vertebra)}
+  if labeling_model is not None:
+    meta["labeling_checkpoint"] = labeling_model.checkpoint
   if input_digest:
     meta["input_sha256"] = input_digest
   meta["seconds"] = result["seconds"]

@@ -8,6 +8,7 @@ import flax.linen as nn
 
 from spine_jax.training.bone_quality import BoneQualityTask
 from spine_jax.training.instance import InstanceTask
+from spine_jax.training.labeling import LabelingTask
 from spine_jax.training.segmentation import SemanticTask
 
 
@@ -29,7 +30,8 @@ class Task(Protocol):
     """The held-out report (eval.json), through the predict functions inference uses."""
 
 
-TASKS: dict[str, Callable[[Any], Task]] = {"bone_quality": BoneQualityTask, "semantic": SemanticTask, "instance": InstanceTask}
+TASKS: dict[str, Callable[[Any], Task]] = {"bone_quality": BoneQualityTask, "semantic": SemanticTask, "instance": InstanceTask,
+                                          "labeling": LabelingTask}
 
 
 def get_task(config) -> Task:
