@@ -3,7 +3,8 @@ cross-entropy per output group.
 
 Evaluation names the vertebrae of each held-out volume as inference does (`inference.phase3.naming`:
 SPINEPS' patches, the network, the level path) from the reference instance mask renumbered by position,
-so the ids carry no level, and scores each volume by whether every vertebra got its true level. Volumes
+so the ids carry no level, and scores each volume by whether every vertebra with a corpus in the field (the
+ones phase 3 sees) got its true level. Volumes
 whose field holds C2 or the sacrum (the anchors a reader counts from) are the target; fields without
 either are reported apart.
 """
@@ -14,6 +15,7 @@ import pathlib
 import numpy as np
 
 from spine_jax.data import instance_cutouts as cutouts
+from spine_jax.data import labeling_patches
 from spine_jax.data import labeling_samples
 from spine_jax.data import level_classes
 from spine_jax.data import levels as levels_lib
@@ -42,9 +44,12 @@ def positional(instances: np.ndarray) -> tuple[np.ndarray, list[int]]:
   return out, truth
 
 
-def score_volume(named: dict[int, int], truth: list[int]) -> dict:
-  """Per position the named and the true id; whether all are right."""
-  rows = [{'position': k + 1, 'true': t, 'named': int(named.get(k + 1, 0))} for k, t in enumerate(truth)]
+def score_volume(named: dict[int, int], truth: list[int], positions=None) -> dict:
+  """Per position the named and the true id; whether all are right. Only `positions` (default all) count: a
+  vertebra without a corpus in the field has no patch, and SPINEPS deletes it."""
+  keep = set(range(1, len(truth) + 1)) if positions is None else {int(p) for p in positions}
+  rows = [{'position': k + 1, 'true': t, 'named': int(named.get(k + 1, 0))} for k, t in enumerate(truth)
+          if k + 1 in keep]
   return {'vertebrae': rows, 'correct': sum(r['true'] == r['named'] for r in rows), 'total': len(rows),
           'perfect': bool(rows) and all(r['true'] == r['named'] for r in rows)}
 
@@ -114,8 +119,10 @@ class LabelingTask:
     for v in self._test:
       instances, truth = positional(v['instance'])
       result = naming.name_vertebrae(v['image'], v['affine'], instances, v['semantic'], predict, spec)
+      with_corpus = np.unique(labeling_patches.corpus_instances(instances, v['semantic']))
       volumes.append({'name': v['name'], 'kind': v['kind'], 'anchor': has_anchor(v),
-                      **score_volume(result.mapping, truth), 'messages': list(result.messages)})
+                      **score_volume(result.mapping, truth, with_corpus[with_corpus > 0]),
+                      'messages': list(result.messages)})
     return labeling_report(volumes)
 
   @staticmethod
