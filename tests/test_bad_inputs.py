@@ -376,6 +376,9 @@ def test_predict_bad_level_and_reference(semantic_smoke_run, instance_smoke_run,
            f"--input={good}", f"--output={tmp_path / 'o'}"]
   _one_error(_run("predict", *spine, "--first_vertebra=X9"), "--first_vertebra", "X9")
   _one_error(_run("predict", *spine, f"--ref_dir={tmp_path / 'no_refs'}"), "--ref_dir", "no_refs")
+  _one_error(_run("predict", *spine, f"--labeling_checkpoint={instance_smoke_run}", "--first_vertebra=C2"),
+             "--first_vertebra", "--labeling_checkpoint")
+  _one_error(_run("predict", *spine, f"--labeling_checkpoint={instance_smoke_run}"), "labeling")
   _nothing_written(tmp_path / "o")
 
 
