@@ -3,12 +3,14 @@ import jax
 import pytest
 
 from configs import bone_quality
+from configs import labeling
 from configs import semantic
 from spine_jax.engine import state as state_lib
 from spine_jax.training import tasks
 
 VARIANTS = [(bone_quality, v) for v in ("", "baseline", "soft", "posterolateral", "paper", "smoke", "baseline,smoke")] + \
-    [(semantic, v) for v in ("", "nnunet", "bf16", "smoke")]
+    [(semantic, v) for v in ("", "nnunet", "bf16", "smoke")] + \
+    [(labeling, v) for v in ("", "vertexact", "spineps", "bf16", "smoke", "vertexact,smoke")]
 
 
 @pytest.mark.parametrize("module, variant", VARIANTS, ids=[f"{m.__name__}:{v}" for m, v in VARIANTS])
