@@ -9,7 +9,7 @@ names each test volume's vertebrae as `predict spine --labeling_checkpoint` does
 path) from its reference instances renumbered by position.
 
 Variants (after the colon, combined with commas):
-  ''          default: a small DenseNet on 48 x 56 x 12 patches at 2.25 x 2.25 x 3.3 mm (108 x 126 x 40 mm:
+  ''          default: a small DenseNet on 48 x 56 x 16 patches at 2.25 x 2.25 x 3.3 mm (108 x 126 x 53 mm:
               the body, its neighbours and the posterior elements) that trains on a 2-core CPU in about
               20 minutes; heads VERT, VERTGRP, REGION, VERTREL, VERTT13, FULLYVISIBLE (the 24-class
               layout: a T13 is a repeated T12, an L6 a repeated L5 on the path).
@@ -47,7 +47,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # The sampler's fields (patch size, zoom, crop margin, corpus masking, rotation, augmentation) are the
   # inference patch's too: a bundle carries them to `predict spine`.
   c.data = labeling_samples.default_sampler_config()
-  c.data.patch_size = (48, 56, 12)  # voxels along P, I, R
+  c.data.patch_size = (48, 56, 16)  # voxels along P, I, R (each >= 16: the trunk downsamples by 16)
   c.data.zoom = (2.25, 2.25, 3.3)  # mm along P, I, R
   c.data.source = "phantom"
   c.data.phantom = mri_phantoms.labeling_phantom_config()
@@ -87,7 +87,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
   if "smoke" in variants:
     c.model.backbone = "tiny"
-    c.data.patch_size = (24, 32, 8)
+    c.data.patch_size = (24, 32, 16)
     c.data.zoom = (3.0, 3.0, 3.3)
     c.data.phantom = mri_phantoms.labeling_smoke_config()
     c.batch_size = 4
