@@ -3,9 +3,11 @@ nnU-Net, made by SPINEPS', TPTBox's and nnU-Net's own code (tests/spineps_worker
 the steps and the placement back that need no oracle.
 
 Measured on this machine: without N4, bit for bit on the TPTBox test MRI (uint16), a float32 phantom on
-the model grid, a uint16 copy of it, and a thick-slice LPS copy that is resampled; with N4 (SimpleITK here,
-ANTsPy there), bit for bit on the test MRI and within 0.0078 (z-score units; 1-2 float16 steps, after N4
-outputs that differ by 3e-5, tests/data/test_bias_field.py) on the phantom.
+the model grid, a uint16 copy of it, and a thick-slice LPS copy that is resampled; with N4 (data/n4_filter.py
+here, ANTsPy there; tests/data/test_bias_field.py) within 0.0078 z-score units on the phantom (1-2 float16
+steps, after N4 outputs that differ by 3e-5) and 0.035 on the test MRI (8240 of 1081410 voxels differ: its
+uint16 N4 output differs from ANTsPy's by 1 in 8 voxels, and one intensity unit is 0.022 z-score units
+there, spread by the cubic resampling; SimpleITK's N4, bit for bit with ANTsPy there, gave 0).
 """
 import ml_collections
 import nibabel as nib
@@ -20,9 +22,8 @@ from spine_jax.data import volumes
 from spine_jax.data.phantoms import mri as mri_phantoms
 from spine_jax.inference import semantic
 from tests import spineps_oracle
-from tests.data.test_bias_field import needs_sitk
 
-N4_ATOL = 0.02  # z-score units; measured 0.0078 on the phantom, 0 on the test MRI
+N4_ATOL = 0.08  # z-score units; measured 0.0078 on the phantom, 0.035 on the test MRI (one intensity unit)
 
 
 @pytest.fixture(scope='module')
@@ -147,7 +148,7 @@ def _compare(image, affine, n4):
   return float(np.abs(ours - data).max()), int((ours != data).sum()), data.size
 
 
-@pytest.mark.parametrize('n4', [False, pytest.param(True, marks=needs_sitk)])
+@pytest.mark.parametrize('n4', [False, True])
 def test_network_input_matches_spineps_on_the_tptbox_mri(oracle, n4):
   mri = spineps_oracle.call('worker.test_mri', {})
   worst, differing, size = _compare(mri['image'], mri['affine'], n4)
@@ -164,7 +165,6 @@ def test_network_input_matches_spineps_on_phantoms(oracle, phantom, case):
   assert worst == 0.0
 
 
-@needs_sitk
 def test_network_input_with_n4_matches_spineps_on_a_phantom(oracle, phantom):
   worst, differing, size = _compare(phantom['image'], phantom['affine'], n4=True)
   print(f'phantom with N4: max |diff| {worst:.3g}, {differing} of {size} voxels differ')
