@@ -2,9 +2,11 @@
 
   python -m spine_jax.convert densenet --input=densenet121.pth --output=densenet121.npz
   python -m spine_jax.convert nnunet --input=MODEL_FOLDER --output=runs/converted [--fold=0]
-  python -m spine_jax.convert spineps --semantic_folder=SEM --instance_folder=INST --output=runs/spineps
+  python -m spine_jax.convert spineps --semantic_folder=SEM --instance_folder=INST [--labeling_folder=LAB] \
+      --output=runs/spineps
   python -m spine_jax.convert checkpoint --input=RUN_DIR[/checkpoints/STEP] --output=runs/bundle
-  python -m spine_jax.convert export_spineps --semantic_checkpoint=RUN --instance_checkpoint=RUN --output=DIR
+  python -m spine_jax.convert export_spineps --semantic_checkpoint=RUN --instance_checkpoint=RUN \
+      [--labeling_checkpoint=RUN] --output=DIR
 
 `densenet` checks a torchvision or MONAI DenseNet-121/169/201 state dict against the architecture it
 describes and writes its trunk as a torch-free .npz; train from it with
@@ -14,20 +16,24 @@ describes and writes its trunk as a torch-free .npz; train from it with
 a SPINEPS semantic model folder with its inference_config.json too) into a model bundle folder that
 `python -m spine_jax.predict semantic --checkpoint=OUTPUT` loads like a trained one.
 
-`spineps` converts SPINEPS' model pair: the semantic folder (an nnU-Net folder with its
+`spineps` converts SPINEPS' model set: the semantic folder (an nnU-Net folder with its
 inference_config.json) as `nnunet` does, and the instance folder (inference_config.json and a
 Lightning `*weights*.ckpt` of its Unet3D) into OUTPUT/semantic and OUTPUT/instance, for
-`python -m spine_jax.predict spine --semantic_checkpoint=OUTPUT/semantic --instance_checkpoint=OUTPUT/instance`.
-Either folder alone converts too. Lightning checkpoints often pickle their hyper-parameters: those
-need --trust_pickle.
+`python -m spine_jax.predict spine --semantic_checkpoint=OUTPUT/semantic --instance_checkpoint=OUTPUT/instance`,
+and the labelling folder (inference_config.json with `modeltype: classifier` and a Lightning
+`*val_f1=*valf1-weights.ckpt` of its PLClassifier, a DenseNet-121/169 with one head per output group)
+into OUTPUT/labeling, a bundle of task `labeling` (conversion/spineps_labeling.py lists its fields).
+Any of the folders alone converts too. Lightning checkpoints often pickle their hyper-parameters: the
+instance one needs --trust_pickle for them; the labelling one is read without running them.
 
 `checkpoint` writes the model bundle of a training checkpoint (a work directory's latest step, or the
 step folder given): its variables and inference config, without the optimiser, as training writes at
 the end of a run.
 
-`export_spineps` goes the other way: a semantic and/or an instance model (bundle, work directory or
-checkpoint) become SPINEPS model folders, OUTPUT/semantic (nnU-Net v2) and OUTPUT/instance (Lightning
-Unet3D), each with its inference_config.json, for `spineps sample -ms OUTPUT/semantic -mi OUTPUT/instance`.
+`export_spineps` goes the other way: a semantic, an instance and/or a labelling model (bundle, work
+directory or checkpoint) become SPINEPS model folders, OUTPUT/semantic (nnU-Net v2), OUTPUT/instance
+(Lightning Unet3D) and OUTPUT/labeling (Lightning PLClassifier; DenseNet-121/169 backbones only), each with
+its inference_config.json, for `spineps sample -ms OUTPUT/semantic -mi OUTPUT/instance -ml OUTPUT/labeling`.
 
 Files are read with torch.load(weights_only=True): a file that holds more than tensors and plain data
 is refused unless --trust_pickle is given. Nothing is written unless the conversion succeeds.
@@ -46,7 +52,7 @@ from spine_jax import cli
 _INPUT = flags.DEFINE_string("input", None, "densenet: a .pth/.pt state dict; nnunet: the model folder; "
                              "checkpoint: a training work directory or one step folder.")
 _OUTPUT = flags.DEFINE_string("output", None, "densenet: the .npz to write; nnunet, checkpoint: the model bundle folder; "
-                              "spineps: the folder to hold semantic/ and instance/.")
+                              "spineps: the folder to hold semantic/, instance/ and labeling/.")
 _TRUST = flags.DEFINE_bool("trust_pickle", False, "Load files that need full pickle (can run code from the file).")
 _FOLD = flags.DEFINE_string("fold", None, "nnunet, spineps: which fold_k to convert: 0, a list 0,1,2 (an ensemble: "
                             "their logits averaged) or all (fold_all). Default: SPINEPS' available_folds, else "
@@ -64,10 +70,14 @@ _SPINEPS_DEFECTS = flags.DEFINE_bool(
     "sliding-window weights, the whole instance phase lost on one empty couple (BUILD_NOTES.md, SPINEPS parity).")
 _SEMANTIC_FOLDER = flags.DEFINE_string("semantic_folder", None, "spineps: SPINEPS' semantic model folder.")
 _INSTANCE_FOLDER = flags.DEFINE_string("instance_folder", None, "spineps: SPINEPS' instance model folder.")
+_LABELING_FOLDER = flags.DEFINE_string("labeling_folder", None, "spineps: SPINEPS' labelling model folder "
+                                       "(-> OUTPUT/labeling).")
 _SEMANTIC_CHECKPOINT = flags.DEFINE_string("semantic_checkpoint", None,
                                            "export_spineps: the semantic model (bundle, run or checkpoint).")
 _INSTANCE_CHECKPOINT = flags.DEFINE_string("instance_checkpoint", None,
                                            "export_spineps: the instance model (bundle, run or checkpoint).")
+_LABELING_CHECKPOINT = flags.DEFINE_string("labeling_checkpoint", None,
+                                           "export_spineps: the labelling model (bundle, run or checkpoint).")
 
 COMMANDS = ("densenet", "nnunet", "spineps", "checkpoint", "export_spineps")
 
@@ -102,7 +112,7 @@ def run_spineps() -> int:
 
   summary = spineps.convert_pair(
       _OUTPUT.value, semantic_folder=_SEMANTIC_FOLDER.value, instance_folder=_INSTANCE_FOLDER.value,
-      trust_pickle=_TRUST.value, overwrite=_OVERWRITE.value, spineps_defects=_SPINEPS_DEFECTS.value, fold=_FOLD.value,
+      labeling_folder=_LABELING_FOLDER.value, trust_pickle=_TRUST.value, overwrite=_OVERWRITE.value, spineps_defects=_SPINEPS_DEFECTS.value, fold=_FOLD.value,
       configuration=_CONFIGURATION.value, checkpoint_name=_CHECKPOINT_NAME.value,
       axcodes=tuple(_AXCODES.value) if _AXCODES.value else None,
       label_map=nnunet_plans.parse_label_map(_LABEL_MAP.value))
@@ -110,6 +120,9 @@ def run_spineps() -> int:
   if "semantic" in summary and "instance" in summary:
     print(f"model bundles written: python -m spine_jax.predict spine --semantic_checkpoint={summary['output']}/semantic "
           f"--instance_checkpoint={summary['output']}/instance ...")
+  if "labeling" in summary:
+    print(f"labelling bundle written: {summary['labeling']['output']} ({summary['labeling']['backbone']}, heads "
+          f"{', '.join(name for name, _ in summary['labeling']['heads'])})")
   return 0
 
 
@@ -125,11 +138,13 @@ def run_export_spineps() -> int:
   from spine_jax.conversion import export_spineps
 
   summary = export_spineps.export_pair(_OUTPUT.value, semantic_checkpoint=_SEMANTIC_CHECKPOINT.value,
-                                       instance_checkpoint=_INSTANCE_CHECKPOINT.value, overwrite=_OVERWRITE.value)
+                                       instance_checkpoint=_INSTANCE_CHECKPOINT.value,
+                                       labeling_checkpoint=_LABELING_CHECKPOINT.value, overwrite=_OVERWRITE.value)
   print(json.dumps(summary, indent=2))
   print("SPINEPS model folders written: spineps sample -i SCAN"
         + (f" -ms {summary['semantic']['folder']}" if "semantic" in summary else "")
-        + (f" -mi {summary['instance']['folder']}" if "instance" in summary else ""))
+        + (f" -mi {summary['instance']['folder']}" if "instance" in summary else "")
+        + (f" -ml {summary['labeling']['folder']}" if "labeling" in summary else ""))
   return 0
 
 
@@ -138,11 +153,12 @@ def main(argv):
     raise app.UsageError(f"usage: python -m spine_jax.convert {{{'|'.join(COMMANDS)}}} --input=... --output=... "
                          f"(got {argv[1:]})")
   if argv[1] == "spineps":
-    if not _OUTPUT.value or not (_SEMANTIC_FOLDER.value or _INSTANCE_FOLDER.value):
-      raise app.UsageError("spineps needs --output and --semantic_folder and/or --instance_folder")
+    if not _OUTPUT.value or not (_SEMANTIC_FOLDER.value or _INSTANCE_FOLDER.value or _LABELING_FOLDER.value):
+      raise app.UsageError("spineps needs --output and --semantic_folder, --instance_folder and/or --labeling_folder")
   elif argv[1] == "export_spineps":
-    if not _OUTPUT.value or not (_SEMANTIC_CHECKPOINT.value or _INSTANCE_CHECKPOINT.value):
-      raise app.UsageError("export_spineps needs --output and --semantic_checkpoint and/or --instance_checkpoint")
+    if not _OUTPUT.value or not (_SEMANTIC_CHECKPOINT.value or _INSTANCE_CHECKPOINT.value or _LABELING_CHECKPOINT.value):
+      raise app.UsageError("export_spineps needs --output and --semantic_checkpoint, --instance_checkpoint and/or "
+                           "--labeling_checkpoint")
   elif not _INPUT.value or not _OUTPUT.value:
     raise app.UsageError(f"{argv[1]} needs --input and --output")
   logging.set_verbosity(logging.WARNING)

@@ -682,6 +682,90 @@ def level_paths(cases: list[dict], **arrays: np.ndarray) -> dict[str, np.ndarray
     out[f"{i}/seconds"] = np.asarray(time.perf_counter() - start)
     out[f"{i}/cost"] = np.asarray(float(cost))
     out[f"{i}/path"] = np.asarray(path, np.int64)
+
+
+def labeling_folders(x: np.ndarray, specs: dict[str, dict]) -> dict[str, np.ndarray]:
+  """SPINEPS' labelling model folders as VertLabelingClassifier.load finds them, one per FOLDER in `specs`: a
+  PLClassifier (pl_densenet.py) built from spec `heads` ([name, classes] in order), `backbone` (default
+  DENSENET121) and `classification_linear` (default true), with random weights, BatchNorm statistics and affines
+  and the Linear biases randomised (seed `seed`) so that a swapped or dropped tensor shows; `opt` is pl_densenet's
+  ARGS_MODEL with `final_size` and `ds_name` set when the spec gives them. Lightning's own
+  Trainer.save_checkpoint (weights_only, as ModelCheckpoint(save_weights_only=True) writes it) saves it as
+  `epoch=7-val_f1=0.9312valf1-weights.ckpt` beside the spec's `inference_config`. One `import spineps` for all.
+
+  Returns per folder index I (in `specs`' order): I/logits/NAME (the network on `x`, (B, 1, P, I, R), eval mode),
+  I/seconds (that forward pass on the CPU) and I/checkpoint (the file)."""
+  import json
+  import time
+
+  import pytorch_lightning as pl
+  import torch
+  from spineps.architectures.pl_densenet import ARGS_MODEL, PLClassifier
+
+  out = {}
+  for i, (folder, spec) in enumerate(specs.items()):
+    seed = int(spec.get("seed", 0))
+    torch.manual_seed(seed)
+    groups = {str(name): int(n) for name, n in spec["heads"]}
+    opt = ARGS_MODEL(backbone=spec.get("backbone", "DENSENET121"),
+                     classification_linear=bool(spec.get("classification_linear", True)),
+                     num_classes=sum(groups.values()), n_channel_p_group=list(groups.values()))
+    if spec.get("final_size") is not None:
+      opt.final_size = tuple(int(n) for n in spec["final_size"])
+    if spec.get("ds_name") is not None:
+      opt.ds_name = spec["ds_name"]
+    model = PLClassifier(opt, groups)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+      for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+          n = module.num_features
+          module.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
+          module.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+          module.weight.copy_(0.5 + torch.rand(n, generator=gen))
+          module.bias.copy_(0.1 * torch.randn(n, generator=gen))
+        elif isinstance(module, torch.nn.Linear):
+          module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
+    model.eval()
+    root = pathlib.Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "inference_config.json").write_text(json.dumps(spec.get("inference_config", {})))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(model)
+    path = root / "epoch=7-val_f1=0.9312valf1-weights.ckpt"
+    trainer.save_checkpoint(path, weights_only=True)
+    begin = time.perf_counter()
+    with torch.inference_mode():
+      logits = model(torch.from_numpy(np.asarray(x, np.float32)))
+    out[f"{i}/seconds"] = np.asarray(time.perf_counter() - begin)
+    out[f"{i}/checkpoint"] = np.asarray(str(path))
+    out.update({f"{i}/logits/{k}": v.numpy() for k, v in logits.items()})
+  return out
+
+
+def labeling_logits(x: np.ndarray, folders: list[str], zoom: list[float]) -> dict[str, np.ndarray]:
+  """SPINEPS' own labelling model loader on each folder (`VertLabelingClassifier(folder, use_cpu=True).load()`, as
+  get_models builds it) and its network on `x` ((B, 1, P, I, R)), as _run_array calls it.
+
+  Returns per folder index I: I/logits/NAME, I/heads (the predictor's head order), I/final_size, I/cutout_size,
+  I/patch_rotation, I/orientation (inference_config's model_expected_orientation), I/recommended_zoom
+  (calc_recommended_resampling_zoom of `zoom`: the spacing phase_labeling rescales a scan of that spacing to) and
+  I/class (the restored predictor's class)."""
+  import torch
+  from spineps.lab_model import VertLabelingClassifier
+
+  out = {}
+  for i, folder in enumerate(folders):
+    model = VertLabelingClassifier(folder, use_cpu=True).load()
+    with torch.inference_mode():
+      logits = model.predictor.forward(torch.from_numpy(np.asarray(x, np.float32)))
+    out.update({f"{i}/logits/{k}": v.numpy() for k, v in logits.items()})
+    out.update({f"{i}/heads": np.asarray(list(logits)), f"{i}/final_size": np.asarray(model.final_size),
+                f"{i}/cutout_size": np.asarray(model.cutout_size), f"{i}/patch_rotation": np.asarray(model.patch_rotation),
+                f"{i}/orientation": np.asarray(model.inference_config.model_expected_orientation),
+                f"{i}/recommended_zoom": np.asarray(model.calc_recommended_resampling_zoom(tuple(zoom)), np.float64),
+                f"{i}/class": np.asarray(f"{type(model.predictor).__module__}.{type(model.predictor).__name__}")})
   return out
 
 

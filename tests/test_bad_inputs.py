@@ -624,4 +624,10 @@ def test_convert_bad_inputs(tmp_path):
   _one_error(_run("convert", "densenet", f"--input={tmp_path / 'weights.pth'}", f"--output={tmp_path / 'file'}"),
              "file")
   assert (tmp_path / "file").read_text() == "keep"
+  labelling = tmp_path / "labeling"  # SPINEPS' labelling folder without its *val_f1=*valf1-weights.ckpt
+  labelling.mkdir()
+  (labelling / "inference_config.json").write_text(json.dumps({"modeltype": "classifier"}))
+  (labelling / "last.ckpt").write_bytes(b"")
+  _one_error(_run("convert", "spineps", f"--labeling_folder={labelling}", f"--output={tmp_path / 'o'}"),
+             labelling, "no **/*val_f1=*valf1-weights.ckpt")
   assert not (tmp_path / "o").exists() and not (tmp_path / "o.npz").exists()

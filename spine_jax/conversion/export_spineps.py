@@ -1,18 +1,21 @@
 """spine_jax's semantic and instance models -> SPINEPS 2.1.3 model folders: `convert spineps` backwards.
 
-  python -m spine_jax.convert export_spineps --semantic_checkpoint=RUN --instance_checkpoint=RUN --output=DIR
+  python -m spine_jax.convert export_spineps --semantic_checkpoint=RUN --instance_checkpoint=RUN \
+      [--labeling_checkpoint=RUN] --output=DIR
 
 writes DIR/semantic, an nnU-Net v2 results folder (plans.json, dataset.json,
 fold_0/checkpoint_final.pth with `network_weights`, `trainer_name`, `init_args` and the mirroring
-axes) with SPINEPS' inference_config.json, and DIR/instance, SPINEPS' instance folder
-(inference_config.json and a Lightning `*weights*.ckpt` of its `PLNet`/`Unet3D`). SPINEPS loads
-them as its own (`spineps sample -ms DIR/semantic -mi DIR/instance`), and `convert spineps` reads
-them back to bit-identical parameters.
+axes) with SPINEPS' inference_config.json, DIR/instance, SPINEPS' instance folder
+(inference_config.json and a Lightning `*weights*.ckpt` of its `PLNet`/`Unet3D`), and DIR/labeling,
+SPINEPS' labelling folder (inference_config.json with `modeltype: classifier` and a Lightning
+`*val_f1=*valf1-weights.ckpt` of its `PLClassifier`). SPINEPS loads them as its own (`spineps sample
+-ms DIR/semantic -mi DIR/instance -ml DIR/labeling`), and `convert spineps` reads them back to
+bit-identical parameters.
 
 Axes: our semantic model space is the bundle's `axcodes` (PIR for SPINEPS); nnU-Net sees the
 same voxels with the array axes reversed (TPTBox's `run_inference` transposes, as SimpleITK reads a
 NIfTI), so kernels, strides, patch and spacing are written in reversed order with
-`transpose_forward` [0, 1, 2]. The instance network sees cutouts in our axis order.
+`transpose_forward` [0, 1, 2]. The instance network sees cutouts in our axis order, the labelling network patches in P, I, R as ours.
 
 Mirroring: spine_jax's test-time mirroring along R swaps the left and right channels back, which
 nnU-Net's mirroring cannot, so a model trained here says `inference_augmentation: false`; a converted
@@ -33,6 +36,7 @@ from flax import traverse_util
 
 from spine_jax.conversion import layout
 from spine_jax.conversion import nnunet_plans
+from spine_jax.conversion import spineps_labeling
 from spine_jax.conversion.errors import ConversionError, refuse_existing
 from spine_jax.conversion.spineps_folder import INFERENCE_CONFIG, LOCATION_IDS
 from spine_jax.data import nifti
@@ -42,12 +46,14 @@ from spine_jax.engine import networks
 from spine_jax.inference import restore
 from spine_jax.inference.phase2 import common as phase2_common
 from spine_jax.models import instance_unet
+from spine_jax.models import labeling
 from spine_jax.models import unet
 
 CONFIGURATION = "3d_fullres"
 TRAINER = "nnUNetTrainer"
 CHECKPOINT_FILE = "checkpoint_final.pth"
 INSTANCE_WEIGHTS_FILE = "spine_jax_instance_weights.ckpt"
+LABELING_WEIGHTS_FILE = "spine_jax_labeling-val_f1=none-valf1-weights.ckpt"  # lab_model.py's *val_f1=*valf1-weights.ckpt
 LIGHTNING_VERSION = "2.6.6"
 # nnU-Net's plan as SPINEPS' semantic model folders hold it: SimpleITK's reversed axes, no transposition.
 READER = "SimpleITKIO"
@@ -253,14 +259,68 @@ def write_instance_folder(folder: pathlib.Path, config, params: Mapping[str, Any
              folder / INSTANCE_WEIGHTS_FILE)
 
 
-def export_pair(output, *, semantic_checkpoint=None, instance_checkpoint=None, overwrite: bool = False) -> dict:
-  """Writes `output/semantic` and/or `output/instance` together (a temporary folder renamed into place)."""
-  if semantic_checkpoint is None and instance_checkpoint is None:
-    raise ConversionError("give --semantic_checkpoint and/or --instance_checkpoint")
+def check_labeling_model(model_cfg) -> None:
+  """SPINEPS' PLClassifier builds only MONAI's DenseNet-121 and -169 (pl_densenet.py MODEL) with Linear heads."""
+  if model_cfg.backbone not in spineps_labeling.SPINEPS_BACKBONE_NAMES:
+    raise ConversionError(f"labelling model backbone {model_cfg.backbone!r}: SPINEPS' PLClassifier builds only "
+                          f"{', '.join(spineps_labeling.SPINEPS_BACKBONE_NAMES)}")
+  if float(model_cfg.get("dropout", 0.0)) != 0.0:
+    raise ConversionError(f"labelling model dropout {model_cfg.dropout}: SPINEPS' network has no dropout (MONAI's "
+                          f"dropout_prob is never passed), so it would run another network")
+
+
+def labeling_inference_config(config) -> dict[str, Any]:
+  """SPINEPS' labelling inference_config.json: orientation and resolution_range (one spacing when both bounds
+  agree) of the bundle, its source's names when it was converted."""
+  source = config.get("converted_from") or {}
+  low, high = ([float(s) for s in config.data.preprocess[k]] for k in ("spacing_min", "spacing_max"))
+  modality = source.get("modality", "T2w")
+  return {"log_name": source.get("log_name", "spine_jax_labeling"),
+          "modality": list(modality) if isinstance(modality, (list, tuple)) else modality,
+          "acquisition": source.get("acquisition", "sag"), "modeltype": "classifier",
+          "model_expected_orientation": list(config.data.preprocess.axcodes), "available_folds": 1,
+          "inference_augmentation": False, "resolution_range": low if low == high else [low, high],
+          "default_step_size": 0.5, "labels": {}}
+
+
+def write_labeling_folder(folder: pathlib.Path, config, variables: Mapping[str, Any]) -> None:
+  """SPINEPS' labelling folder: inference_config.json and the Lightning checkpoint PLClassifier restores from.
+
+  `opt` is an argparse.Namespace with ARGS_MODEL's fields (PLClassifier reads it by attribute; pickling
+  SPINEPS' own class would need SPINEPS here); `final_size` is the patch, `ds_name` says 'v4corpus' exactly
+  when the patches are rotated (lab_model.py load)."""
+  import torch
+
+  check_labeling_model(config.model)
+  heads = dict(labeling.normalise_heads(config.model.heads))
+  rotated = bool(config.inference.get("patch_rotation", False))
+  opt = argparse.Namespace(
+      backbone=spineps_labeling.SPINEPS_BACKBONE_NAMES[config.model.backbone], classification_conv=False,
+      classification_linear=bool(config.model.head_hidden), n_epoch=0, lr=1e-4, l2_regularization_w=1e-6,
+      scheduler_endfactor=1e-3, in_channel=1, not_pretrained=True, mse_weighting=0.0, dropout=0.0, weight_decay=0,
+      num_classes=sum(heads.values()), n_channel_p_group=list(heads.values()),
+      final_size=tuple(int(n) for n in config.data.patch_size),
+      ds_name=f"spine_jax_{spineps_labeling.ROTATED_DATASET_MARK}" if rotated else "spine_jax")
+  weights = {k: torch.from_numpy(np.array(v)) for k, v in
+             spineps_labeling.labeling_state_dict(variables, config.model).items()}
+  folder.mkdir(parents=True)
+  (folder / INFERENCE_CONFIG).write_text(json.dumps(labeling_inference_config(config), indent=2))
+  torch.save({"state_dict": weights, "epoch": 0, "global_step": 0, "pytorch-lightning_version": LIGHTNING_VERSION,
+              "hyper_parameters": {"opt": opt, "group_2_n_channel": heads}},
+             folder / LABELING_WEIGHTS_FILE)
+
+
+def export_pair(output, *, semantic_checkpoint=None, instance_checkpoint=None, labeling_checkpoint=None,
+                overwrite: bool = False) -> dict:
+  """Writes `output/semantic`, `output/instance` and/or `output/labeling` together (a temporary folder renamed
+  into place)."""
+  if semantic_checkpoint is None and instance_checkpoint is None and labeling_checkpoint is None:
+    raise ConversionError("give --semantic_checkpoint, --instance_checkpoint and/or --labeling_checkpoint")
   output = pathlib.Path(output).absolute()
   refuse_existing(output, overwrite)
   models = {}
-  for name, path in (("semantic", semantic_checkpoint), ("instance", instance_checkpoint)):
+  for name, path in (("semantic", semantic_checkpoint), ("instance", instance_checkpoint),
+                     ("labeling", labeling_checkpoint)):
     if path is not None:
       try:
         state, config, _ = restore.load_for_inference(path, name)
@@ -269,6 +329,8 @@ def export_pair(output, *, semantic_checkpoint=None, instance_checkpoint=None, o
       models[name] = (state, config, restore.find_model(path))
   if "instance" in models:
     check_instance_model(models["instance"][1].model)
+  if "labeling" in models:
+    check_labeling_model(models["labeling"][1].model)
   output.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
   summary: dict[str, Any] = {"output": str(output)}
@@ -276,6 +338,8 @@ def export_pair(output, *, semantic_checkpoint=None, instance_checkpoint=None, o
     for name, (state, config, (kind, where)) in models.items():
       if name == "semantic":
         write_semantic_folder(tmp / name, config, {"params": state.params, "batch_stats": state.batch_stats})
+      elif name == "labeling":
+        write_labeling_folder(tmp / name, config, {"params": state.params, "batch_stats": state.batch_stats})
       else:
         write_instance_folder(tmp / name, config, state.params)
       summary[name] = {"source": str(where), "kind": kind, "folder": str(output / name)}

@@ -7,7 +7,8 @@ The instance network (``modeltype: 'unet'``: ``inference_config.json`` and a Lig
 ``*weights*.ckpt`` whose ``state_dict`` keys are prefixed ``network.``) converts with
 ``convert_instance_folder`` into an instance model bundle (``models/instance_unet.py``), and
 ``convert_pair`` converts a semantic and an instance folder into ``OUTPUT/semantic`` and
-``OUTPUT/instance`` for ``python -m spine_jax.predict spine``.
+``OUTPUT/instance`` for ``python -m spine_jax.predict spine``, and a labelling folder (``spineps_labeling.py``)
+into ``OUTPUT/labeling`` beside them.
 
 What the instance conversion takes from where:
 
@@ -40,7 +41,8 @@ import numpy as np
 from spine_jax.conversion import layout
 from spine_jax.conversion import torch_files
 from spine_jax.conversion.errors import ConversionError, refuse_existing
-from spine_jax.conversion.spineps_folder import INFERENCE_CONFIG, model_folder, orientation, read_inference_config
+from spine_jax.conversion.spineps_folder import INFERENCE_CONFIG, model_folder, orientation, positive_numbers
+from spine_jax.conversion.spineps_folder import read_inference_config, resolution_bounds
 from spine_jax.data import instance_cutouts
 from spine_jax.data import nifti
 from spine_jax.data import spatial
@@ -107,16 +109,6 @@ def unet3d_architecture(arrays: Mapping[str, np.ndarray], path) -> dict[str, Any
               num_classes=int(num_classes), groups=8, init_kernel=int(k))
 
 
-def _triple(value, n, what, source, kind=float) -> tuple:
-  try:
-    out = tuple(kind(v) for v in value)
-  except (TypeError, ValueError):
-    out = ()
-  if len(out) != n or any(v <= 0 for v in out):
-    raise ConversionError(f"{source}: {what} {value!r} is not {n} positive numbers")
-  return out
-
-
 SPINEPS_FIRST_VERTEBRA, SPINEPS_FIRST_VERTEBRA_WITH_C1 = 2, 1
 
 
@@ -158,15 +150,14 @@ def instance_config(arch: Mapping[str, Any], config: Mapping[str, Any], folder, 
   if codes is not None and codes != tuple(spatial.PIR):
     raise ConversionError(f"{source}: model_expected_orientation {''.join(codes)}: phase 2 here cuts out of "
                           f"P, I, R volumes; only PIR converts")
-  if "resolution_range" in config:
-    value = config["resolution_range"]
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (list, tuple)) for v in value):
-      low, high = (_triple(v, 3, "resolution_range", source) for v in value)
+  resolution = resolution_bounds(config, folder)
+  if resolution is not None:
+    low, high = resolution
+    if low != high:
       bounds = dict(low=low, high=high)
-      value = low  # until the semantic model's spacing is known (`clamp_to_range`)
-    c.data.preprocess.spacing = _triple(value, 3, "resolution_range", source)
+    c.data.preprocess.spacing = low  # until the semantic model's spacing is known (`clamp_to_range`)
   if "cutout_size" in config:
-    size = _triple(config["cutout_size"], 3, "cutout_size", source, int)
+    size = positive_numbers(config["cutout_size"], 3, "cutout_size", source, int)
     divisor = 2 ** (len(arch["dim_mults"]) - 1)
     if any(n % divisor for n in size):
       raise ConversionError(f"{source}: cutout_size {size} is not divisible by {divisor} (2 ** (levels - 1))")
@@ -279,23 +270,27 @@ def convert_instance_folder(folder, output, *, trust_pickle: bool = False, overw
   return summary
 
 
-def convert_pair(output, *, semantic_folder=None, instance_folder=None, trust_pickle: bool = False,
-                 overwrite: bool = False, spineps_defects: bool = False, **nnunet_kwargs) -> dict[str, Any]:
-  """SPINEPS' semantic and/or instance model folders -> ``output/semantic`` and ``output/instance``.
+def convert_pair(output, *, semantic_folder=None, instance_folder=None, labeling_folder=None,
+                 trust_pickle: bool = False, overwrite: bool = False, spineps_defects: bool = False,
+                 **nnunet_kwargs) -> dict[str, Any]:
+  """SPINEPS' semantic, instance and/or labelling model folders -> ``output/semantic``, ``output/instance`` and
+  ``output/labeling`` (``spineps_labeling.py``): one model set.
 
   `spineps_defects` keeps the SPINEPS behaviours that the default corrects, to reproduce its masks: the
   float16 window weights of the semantic sliding window and the end of the instance phase on an empty couple.
 
-  Both are converted in a temporary folder beside ``output`` that is renamed into place only when
+  All are converted in a temporary folder beside ``output`` that is renamed into place only when
   every conversion succeeded.
   """
   from spine_jax.conversion import nnunet
+  from spine_jax.conversion import spineps_labeling
 
-  if semantic_folder is None and instance_folder is None:
-    raise ConversionError("give --semantic_folder and/or --instance_folder")
+  if semantic_folder is None and instance_folder is None and labeling_folder is None:
+    raise ConversionError("give --semantic_folder, --instance_folder and/or --labeling_folder")
   output = pathlib.Path(output).absolute()
   refuse_existing(output, overwrite)
   prepared = prepare_instance(instance_folder, trust_pickle=trust_pickle) if instance_folder is not None else None
+  labeling_model = spineps_labeling.prepare_labeling(labeling_folder) if labeling_folder is not None else None
   if prepared is not None and spineps_defects:
     prepared[0].inference.abort_on_empty_couple = True
   output.parent.mkdir(parents=True, exist_ok=True)
@@ -317,6 +312,11 @@ def convert_pair(output, *, semantic_folder=None, instance_folder=None, trust_pi
       inst["output"] = str(output / "instance")
       write_instance_bundle(tmp / "instance", cfg, params, extra_files={"conversion.json": json.dumps(inst, indent=2)})
       summary["instance"] = inst
+    if labeling_model is not None:
+      cfg, variables, lab = labeling_model
+      lab["output"] = str(output / "labeling")
+      spineps_labeling.write_labeling_bundle(tmp / "labeling", cfg, variables, lab)
+      summary["labeling"] = lab
     _publish(tmp, output, overwrite)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

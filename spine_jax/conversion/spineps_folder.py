@@ -5,7 +5,8 @@ plans.json; ``nnunet.convert_folder`` reads it through ``read_inference_config``
 mapping (network output value -> SPINEPS id), the orientation the network expects and the
 sliding-window step. Labels there are TPTBox ``Location`` names (``Arcus_Vertebrae`` = 41 ...),
 vertebra names (``S1`` = 26, the sacrum) or ids. The instance model's folder holds one too
-(``modeltype: 'unet'``), read by ``spineps.py``.
+(``modeltype: 'unet'``), read by ``spineps.py``, and so does the labelling model's (``modeltype:
+'classifier'``), read by ``spineps_labeling.py``.
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def id_for_name(name) -> int | None:
 
 def read_inference_config(folder, modeltype: str = "nnunet") -> dict[str, Any] | None:
   """SPINEPS' inference_config.json of a model folder as a dict, or None when there is none; its
-  ``modeltype`` must be ``modeltype`` (``nnunet``: the semantic model, ``unet``: the instance one)."""
+  ``modeltype`` must be ``modeltype`` (``nnunet``: the semantic model, ``unet``: the instance one,
+  ``classifier``: the labelling one)."""
   path = pathlib.Path(folder) / INFERENCE_CONFIG
   if not path.exists():
     return None
@@ -64,8 +66,11 @@ def read_inference_config(folder, modeltype: str = "nnunet") -> dict[str, Any] |
     elif found == "nnunet":
       hint = ("this is SPINEPS' semantic model (nnU-Net): convert it with python -m spine_jax.convert spineps "
               "--semantic_folder=... (or convert nnunet --input=...)")
+    elif found == "classifier":
+      hint = ("this is SPINEPS' labelling model (classifier): convert it with python -m spine_jax.convert spineps "
+              "--labeling_folder=...")
     else:
-      hint = "only SPINEPS' semantic (nnunet) and instance (unet) models convert"
+      hint = "only SPINEPS' semantic (nnunet), instance (unet) and labelling (classifier) models convert"
     raise ConversionError(f"{path}: modeltype {config.get('modeltype')!r}, expected {modeltype!r}: {hint}")
   return config
 
@@ -86,6 +91,34 @@ def network_label_ids(config: dict[str, Any], folder) -> dict[int, int]:
                             f"(ids {sorted(spine_labels.SEMANTIC_IDS[1:])})")
     out[int(key)] = value
   return out
+
+
+def positive_numbers(value, n, what, source, kind=float) -> tuple:
+  """``value`` as ``n`` positive numbers of ``kind``, or a ConversionError naming ``source`` and ``what``."""
+  try:
+    out = tuple(kind(v) for v in value)
+  except (TypeError, ValueError):
+    out = ()
+  if len(out) != n or any(v <= 0 for v in out):
+    raise ConversionError(f"{source}: {what} {value!r} is not {n} positive numbers")
+  return out
+
+
+def resolution_bounds(config: dict[str, Any], folder) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+  """inference_config's ``resolution_range`` as (lowest, highest) spacing per axis (mm, in the
+  model_expected_orientation's axes), None when absent. SPINEPS takes either one spacing (both bounds) or a
+  (min, max) pair, into which seg_model.py `calc_recommended_resampling_zoom` clamps the input's spacing."""
+  if "resolution_range" not in config:
+    return None
+  source = pathlib.Path(folder) / INFERENCE_CONFIG
+  value = config["resolution_range"]
+  if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (list, tuple)) for v in value):
+    low, high = (positive_numbers(v, 3, "resolution_range", source) for v in value)
+    if any(lo > hi for lo, hi in zip(low, high)):
+      raise ConversionError(f"{source}: resolution_range {value!r}: a minimum above its maximum")
+    return low, high
+  spacing = positive_numbers(value, 3, "resolution_range", source)
+  return spacing, spacing
 
 
 def valid_axcodes(codes) -> bool:

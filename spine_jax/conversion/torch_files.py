@@ -63,8 +63,45 @@ def _refused_global(message: str) -> str:
   return "an object that is not a tensor or plain data"
 
 
-def load(path, *, trust_pickle: bool = False) -> Any:
-  """The object a ``torch.save`` file holds, tensors on the CPU."""
+class PickledObject:
+  """An object of a class a file names, read without importing that class or running any of its code: the
+  class's dotted name (``pickled_class``), the arguments the file builds it from (``pickled_args``) and its
+  pickled state as attributes (a dataclass's or Namespace's fields), or as ``pickled_state``."""
+  pickled_class = ""
+
+  def __new__(cls, *args, **kwargs):  # pickle's NEWOBJ and REDUCE both come here
+    obj = super().__new__(cls)
+    obj.pickled_args = args
+    return obj
+
+  def __init__(self, *args, **kwargs):
+    pass
+
+  def __setstate__(self, state):
+    if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, dict) for s in state):
+      state = {**(state[0] or {}), **(state[1] or {})}  # (dict, slots)
+    if isinstance(state, dict):
+      self.__dict__.update(state)
+    else:
+      self.pickled_state = state
+
+  def __repr__(self) -> str:
+    return f"<{self.pickled_class} from the file>"
+
+
+def _stand_ins(torch, path) -> list[tuple[type, str]]:
+  """A PickledObject subclass for every class or function the file names that torch does not allow."""
+  names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+  return [(type(name.rpartition(".")[2], (PickledObject,), {"pickled_class": name}), name) for name in sorted(names)]
+
+
+def load(path, *, trust_pickle: bool = False, stand_ins: bool = False) -> Any:
+  """The object a ``torch.save`` file holds, tensors on the CPU.
+
+  ``stand_ins``: objects of classes the file names (a Lightning checkpoint's hyper-parameters: SPINEPS'
+  ``ARGS_MODEL``, an ``argparse.Namespace``) become ``PickledObject`` records instead of being refused; their
+  modules are not imported and nothing of them runs, so no ``--trust_pickle`` is needed.
+  """
   path = pathlib.Path(path)
   if not path.is_file():
     raise ConversionError(f"{path}: no such file")
@@ -73,7 +110,10 @@ def load(path, *, trust_pickle: bool = False) -> Any:
     if trust_pickle:
       return torch.load(path, map_location="cpu", weights_only=False)
     with torch.serialization.safe_globals(_numpy_scalar_globals()):
-      return torch.load(path, map_location="cpu", weights_only=True)
+      if not stand_ins:
+        return torch.load(path, map_location="cpu", weights_only=True)
+      with torch.serialization.safe_globals(_stand_ins(torch, path)):
+        return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad files
     message = str(e)
     if not trust_pickle and "Weights only load failed" in message:

@@ -4,7 +4,8 @@ A 3D DenseNet trunk (``models/densenet.py``: conv0 ... norm5, ReLU, global avera
 MONAI's ``class_layers`` hands its Linear) and one classification head per output group, each
 ``[Dense(F // 2) -> ReLU ->] Dense(classes)`` as PLClassifier's ``classification_heads`` (the hidden
 layer is its ``classification_linear``). ``__call__(x, train)`` takes one vertebra patch per batch
-element, ``(B, P, I, R, 1)``, and returns ``{group: logits (B, classes)}`` in float32, in head order.
+element, ``(B, P, I, R, 1)``, and returns ``{group: logits (B, classes)}`` in float32 (in head order;
+a jitted function returns a dict's keys sorted, so read the order from ``heads``).
 
 Axis order: SPINEPS cuts each patch out of the image reoriented to P, I, R (``lab_model.py``
 ``run_all_seg_instances`` reorients with TPTBox's default, PIR, whatever the folder's
@@ -131,3 +132,9 @@ def hidden_width(backbone: str) -> int:
   fields = densenet.densenet_preset(backbone)
   return densenet.num_features(fields["growth_rate"], fields["block_config"], fields["num_init_features"]) // 2
 
+
+def smallest_patch(backbone: str) -> int:
+  """Fewest voxels per axis that the trunk pools down to one (32 for DenseNet-121: stem 4x, three transitions)."""
+  fields = densenet.densenet_preset(backbone)
+  stem = {"imagenet": 4, "light": 2, "small": 1}[fields["stem"]]
+  return stem * 2 ** (len(fields["block_config"]) - 1)
