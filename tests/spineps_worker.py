@@ -684,6 +684,25 @@ def level_paths(cases: list[dict], **arrays: np.ndarray) -> dict[str, np.ndarray
     out[f"{i}/path"] = np.asarray(path, np.int64)
 
 
+def randomise_weights(model, seed: int = 0, biases: bool = True):
+  """`model` in eval mode with random BatchNorm statistics and affines and (when `biases`) random Linear biases,
+  so that a swapped or dropped tensor shows. The labelling folders here and the tests' PyTorch-made models
+  (tests/conversion) use this one recipe."""
+  import torch
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        n = module.num_features
+        module.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
+        module.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+        module.weight.copy_(0.5 + torch.rand(n, generator=gen))
+        module.bias.copy_(0.1 * torch.randn(n, generator=gen))
+      elif biases and isinstance(module, torch.nn.Linear):
+        module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
+  return model.eval()
+
+
 def labeling_folders(x: np.ndarray, specs: dict[str, dict]) -> dict[str, np.ndarray]:
   """SPINEPS' labelling model folders as VertLabelingClassifier.load finds them, one per FOLDER in `specs`: a
   PLClassifier (pl_densenet.py) built from spec `heads` ([name, classes] in order), `backbone` (default
@@ -714,19 +733,7 @@ def labeling_folders(x: np.ndarray, specs: dict[str, dict]) -> dict[str, np.ndar
       opt.final_size = tuple(int(n) for n in spec["final_size"])
     if spec.get("ds_name") is not None:
       opt.ds_name = spec["ds_name"]
-    model = PLClassifier(opt, groups)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-      for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-          n = module.num_features
-          module.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
-          module.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-          module.weight.copy_(0.5 + torch.rand(n, generator=gen))
-          module.bias.copy_(0.1 * torch.randn(n, generator=gen))
-        elif isinstance(module, torch.nn.Linear):
-          module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
-    model.eval()
+    model = randomise_weights(PLClassifier(opt, groups), seed)
     root = pathlib.Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     (root / "inference_config.json").write_text(json.dumps(spec.get("inference_config", {})))

@@ -39,6 +39,7 @@ from spine_jax.conversion import nnunet_plans
 from spine_jax.conversion import spineps_labeling
 from spine_jax.conversion.errors import ConversionError, refuse_existing
 from spine_jax.conversion.spineps_folder import INFERENCE_CONFIG, LOCATION_IDS
+from spine_jax.data import labeling_patches
 from spine_jax.data import nifti
 from spine_jax.data import spatial
 from spine_jax.data import spine_labels
@@ -259,28 +260,35 @@ def write_instance_folder(folder: pathlib.Path, config, params: Mapping[str, Any
              folder / INSTANCE_WEIGHTS_FILE)
 
 
-def check_labeling_model(model_cfg) -> None:
-  """SPINEPS' PLClassifier builds only MONAI's DenseNet-121 and -169 (pl_densenet.py MODEL) with Linear heads."""
+def check_labeling_model(config) -> None:
+  """SPINEPS' PLClassifier builds only MONAI's DenseNet-121 and -169 (pl_densenet.py MODEL) with Linear heads and
+  no dropout, and its labelling phase always masks instances to their corpus and keeps 128 mm around them."""
+  model_cfg, data = config.model, config.data
   if model_cfg.backbone not in spineps_labeling.SPINEPS_BACKBONE_NAMES:
     raise ConversionError(f"labelling model backbone {model_cfg.backbone!r}: SPINEPS' PLClassifier builds only "
                           f"{', '.join(spineps_labeling.SPINEPS_BACKBONE_NAMES)}")
   if float(model_cfg.get("dropout", 0.0)) != 0.0:
     raise ConversionError(f"labelling model dropout {model_cfg.dropout}: SPINEPS' network has no dropout (MONAI's "
                           f"dropout_prob is never passed), so it would run another network")
+  if not data.get("corpus_masked", True) or float(data.crop_margin_mm) != labeling_patches.LABELING_CROP_MARGIN_MM:
+    raise ConversionError(f"labelling model data.corpus_masked {data.get('corpus_masked')} / data.crop_margin_mm "
+                          f"{data.crop_margin_mm}: SPINEPS' labelling phase always masks to the corpus and keeps "
+                          f"{labeling_patches.LABELING_CROP_MARGIN_MM:g} mm, so it would cut other patches")
 
 
 def labeling_inference_config(config) -> dict[str, Any]:
-  """SPINEPS' labelling inference_config.json: orientation and resolution_range (one spacing when both bounds
-  agree) of the bundle, its source's names when it was converted."""
+  """SPINEPS' labelling inference_config.json: PIR, the bundle's zoom (or its (min, max) zoom_range) as
+  resolution_range, its source's names when it was converted."""
   source = config.get("converted_from") or {}
-  low, high = ([float(s) for s in config.data.preprocess[k]] for k in ("spacing_min", "spacing_max"))
+  bounds = config.data.get("zoom_range")
+  resolution = ([[float(z) for z in b] for b in bounds] if bounds is not None
+                else [float(z) for z in config.data.zoom])
   modality = source.get("modality", "T2w")
   return {"log_name": source.get("log_name", "spine_jax_labeling"),
           "modality": list(modality) if isinstance(modality, (list, tuple)) else modality,
           "acquisition": source.get("acquisition", "sag"), "modeltype": "classifier",
-          "model_expected_orientation": list(config.data.preprocess.axcodes), "available_folds": 1,
-          "inference_augmentation": False, "resolution_range": low if low == high else [low, high],
-          "default_step_size": 0.5, "labels": {}}
+          "model_expected_orientation": list(spatial.PIR), "available_folds": 1, "inference_augmentation": False,
+          "resolution_range": resolution, "default_step_size": 0.5, "labels": {}}
 
 
 def write_labeling_folder(folder: pathlib.Path, config, variables: Mapping[str, Any]) -> None:
@@ -291,9 +299,9 @@ def write_labeling_folder(folder: pathlib.Path, config, variables: Mapping[str, 
   when the patches are rotated (lab_model.py load)."""
   import torch
 
-  check_labeling_model(config.model)
+  check_labeling_model(config)
   heads = dict(labeling.normalise_heads(config.model.heads))
-  rotated = bool(config.inference.get("patch_rotation", False))
+  rotated = bool(config.data.get("rotate", False))
   opt = argparse.Namespace(
       backbone=spineps_labeling.SPINEPS_BACKBONE_NAMES[config.model.backbone], classification_conv=False,
       classification_linear=bool(config.model.head_hidden), n_epoch=0, lr=1e-4, l2_regularization_w=1e-6,
@@ -330,7 +338,7 @@ def export_pair(output, *, semantic_checkpoint=None, instance_checkpoint=None, l
   if "instance" in models:
     check_instance_model(models["instance"][1].model)
   if "labeling" in models:
-    check_labeling_model(models["labeling"][1].model)
+    check_labeling_model(models["labeling"][1])
   output.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
   summary: dict[str, Any] = {"output": str(output)}

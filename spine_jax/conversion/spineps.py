@@ -277,7 +277,8 @@ def convert_pair(output, *, semantic_folder=None, instance_folder=None, labeling
   ``output/labeling`` (``spineps_labeling.py``): one model set.
 
   `spineps_defects` keeps the SPINEPS behaviours that the default corrects, to reproduce its masks: the
-  float16 window weights of the semantic sliding window and the end of the instance phase on an empty couple.
+  float16 window weights of the semantic sliding window, the end of the instance phase on an empty couple
+  and the level path's reading of --enforce-12-thoracic on the 26-class axis.
 
   All are converted in a temporary folder beside ``output`` that is renamed into place only when
   every conversion succeeded.
@@ -291,6 +292,8 @@ def convert_pair(output, *, semantic_folder=None, instance_folder=None, labeling
   refuse_existing(output, overwrite)
   prepared = prepare_instance(instance_folder, trust_pickle=trust_pickle) if instance_folder is not None else None
   labeling_model = spineps_labeling.prepare_labeling(labeling_folder) if labeling_folder is not None else None
+  if labeling_model is not None and spineps_defects:
+    labeling_model[0].inference.spineps_defects = True
   if prepared is not None and spineps_defects:
     prepared[0].inference.abort_on_empty_couple = True
   output.parent.mkdir(parents=True, exist_ok=True)
@@ -300,8 +303,11 @@ def convert_pair(output, *, semantic_folder=None, instance_folder=None, labeling
     if semantic_folder is not None:
       folder = model_folder(semantic_folder, "semantic")
       semantic_config = read_inference_config(folder, modeltype="nnunet")  # a swapped pair fails here, naming the fix
-      if prepared is not None and semantic_config and semantic_config.get("has_c1"):
-        prepared[0].inference.first_vertebra = SPINEPS_FIRST_VERTEBRA_WITH_C1
+      if semantic_config and semantic_config.get("has_c1"):
+        if prepared is not None:
+          prepared[0].inference.first_vertebra = SPINEPS_FIRST_VERTEBRA_WITH_C1
+        if labeling_model is not None:  # seg_run.py: the path may start at C1 (disable_c1 = not has_c1)
+          labeling_model[0].inference.disable_c1 = False
       summary["semantic"] = nnunet.convert_folder(folder, tmp / "semantic", trust_pickle=trust_pickle,
                                                   spineps_defects=spineps_defects, **nnunet_kwargs)
       summary["semantic"]["output"] = str(output / "semantic")

@@ -18,25 +18,27 @@ What is read from where:
   ``opt.classification_conv`` (a Conv3d head never runs: PLClassifier applies it to the pooled vector) and
   ``group_2_n_channel``. ``opt.dropout`` never reaches SPINEPS' network (MONAI's ``dropout_prob`` stays 0),
   so ``model.dropout`` is 0.
-* ``opt.final_size`` (default 152 x 168 x 32, ``DEFAULT_CLASSIFIER_INPUT_SIZE``): the patch, P, I, R voxels;
-  ``opt.ds_name``: patches rotated to the spine axis only when it contains 'v4corpus' (lab_model.py load).
-* inference_config.json: ``model_expected_orientation`` (the scan is cropped and rescaled in it; the patches
-  are cut in P, I, R whatever it says) and ``resolution_range`` (one spacing, or (min, max) into which each
-  axis of the scan's spacing is clamped: seg_model.py ``calc_recommended_resampling_zoom``); ``log_name``,
-  ``modality`` and ``acquisition`` are kept for the way back.
+* ``opt.final_size`` (default 152 x 168 x 32, ``DEFAULT_CLASSIFIER_INPUT_SIZE``): the patch, P, I, R voxels
+  (even: SPINEPS' cut loses a voxel of an odd size); ``opt.ds_name``: patches rotated to the spine axis only
+  when it contains 'v4corpus' (lab_model.py load).
+* inference_config.json: ``model_expected_orientation`` (P, I, R: phase 3 here crops and rescales in PIR; only
+  PIR converts) and ``resolution_range`` (one spacing, or (min, max) into which each axis of the scan's
+  spacing is clamped: seg_model.py ``calc_recommended_resampling_zoom``); ``log_name``, ``modality`` and
+  ``acquisition`` are kept for the way back.
 
-The bundle's config (everything inference needs; `spineps_labeling_config` holds the defaults):
+The bundle's config, in the fields phase 3 reads (``inference/phase3/naming.py`` ``spec_of``, the training
+sampler's ``data`` fields):
 
-* ``model``: ``backbone``, ``heads`` ((group, classes) pairs in SPINEPS' order), ``head_hidden``, ``dropout``,
-  ``dtype`` (``models/labeling.py``);
+* ``model``: ``backbone``, ``heads`` ((group, classes) pairs in SPINEPS' order), ``head_hidden``, ``dropout``
+  (0), ``dtype`` (``models/labeling.py``);
 * ``data.patch_size``: ``final_size``, (P, I, R) voxels, the network's input;
-* ``data.preprocess``: ``axcodes`` (model_expected_orientation), ``spacing_min`` / ``spacing_max`` (mm, in the
-  axcodes' axes: the scan's spacing clamped into them per axis; equal for a single spacing), ``image_order``
-  (3: TPTBox's rescale of an image), ``grid`` (TPTBox's), ``patch_normalisation`` ('nonzero_zscore': each patch
-  z-scored over its non-zero voxels, MONAI's NormalizeIntensityd(nonzero=True) in lab_model.py);
-* ``inference``: ``crop_margin_mm`` (phase_labeling.py ``LABELING_CROP_MARGIN_MM``: the scan is cropped to the
-  vertebrae plus this margin, ``compute_crop(dist=margin / min(zoom))``), ``patch_rotation`` (bool) and
-  ``rotation_padding_voxels`` (lab_model.py: a cutout 64 voxels larger along P and I is rotated, then cropped);
+* ``data.zoom``: the model's spacing (mm, P, I, R) for a single ``resolution_range``; for a (min, max) range
+  its lower bound, and ``data.zoom_range`` = ((min), (max)): the scan's spacing clamped into it per axis is the
+  spacing SPINEPS rescales to (a phase 3 that reads ``zoom_range`` does the same);
+* ``data.crop_margin_mm`` (phase_labeling.py's 128 mm), ``data.corpus_masked`` (True: SPINEPS passes the
+  semantic mask), ``data.rotate`` ('v4corpus' in ds_name);
+* ``inference``: the level path's settings, ``naming.default_inference_config()`` (SPINEPS' defaults);
+  ``convert_pair`` sets ``disable_c1`` from the semantic model's ``has_c1`` as seg_run.py does;
 * ``converted_from``: folder, checkpoint, ds_name, log_name, modality, acquisition.
 """
 from __future__ import annotations
@@ -58,36 +60,19 @@ from spine_jax.conversion import torch_files
 from spine_jax.conversion.errors import ConversionError, refuse_existing
 from spine_jax.conversion.spineps_folder import INFERENCE_CONFIG, model_folder, orientation, positive_numbers
 from spine_jax.conversion.spineps_folder import read_inference_config, resolution_bounds
+from spine_jax.data import labeling_patches
+from spine_jax.data import level_classes
 from spine_jax.data import spatial
 from spine_jax.engine import bundle
+from spine_jax.inference.phase3 import naming
 from spine_jax.models import densenet
 from spine_jax.models import labeling
 
 CHECKPOINT_PATTERN = "**/*val_f1=*valf1-weights.ckpt"  # lab_model.py VertLabelingClassifier.load
-DEFAULT_FINAL_SIZE = (152, 168, 32)  # lab_model.py DEFAULT_CLASSIFIER_INPUT_SIZE, (P, I, R) voxels
-LABELING_CROP_MARGIN_MM = 128  # phase_labeling.py
-ROTATION_PADDING_VOXELS = 64  # lab_model.py run_given_center_pos extra_rotation_padding
 ROTATED_DATASET_MARK = "v4corpus"  # lab_model.py load: patch_rotation = "v4corpus" in ds_name
-PATCH_NORMALISATION = "nonzero_zscore"
 # SPINEPS' MODEL enum names of our backbones.
 SPINEPS_BACKBONE_NAMES = {"densenet121": "DENSENET121", "densenet169": "DENSENET169"}
 _HEAD_KEY = re.compile(r"^classification_heads\.([^.]+)\.(\d+)\.(weight|bias)$")
-
-
-def spineps_labeling_config() -> ml_collections.ConfigDict:
-  """A labelling bundle's config with SPINEPS' defaults (the module docstring says what each field means): its
-  DenseNet-121, 152 x 168 x 32 patches in PIR at the reference spacing, no rotation."""
-  c = ml_collections.ConfigDict()
-  c.task = "labeling"
-  c.model = labeling.default_model_config()
-  c.data = ml_collections.ConfigDict()
-  c.data.patch_size = DEFAULT_FINAL_SIZE
-  c.data.preprocess = ml_collections.ConfigDict(dict(
-      axcodes=spatial.PIR, spacing_min=spatial.REFERENCE_SPACING, spacing_max=spatial.REFERENCE_SPACING,
-      image_order=3, grid=spatial.SPINEPS_GRID, patch_normalisation=PATCH_NORMALISATION))
-  c.inference = ml_collections.ConfigDict(dict(crop_margin_mm=LABELING_CROP_MARGIN_MM, patch_rotation=False,
-                                               rotation_padding_voxels=ROTATION_PADDING_VOXELS))
-  return c
 
 
 def find_labeling_checkpoint(folder) -> pathlib.Path:
@@ -197,7 +182,13 @@ def plclassifier_architecture(arrays: Mapping[str, np.ndarray], hparams: Mapping
     raise ConversionError(f"{path}: hyper_parameters group_2_n_channel {dict(groups)} differs from the heads in the "
                           f"weights {dict(heads)}")
   size = _opt_field(opt, "final_size")
-  final_size = DEFAULT_FINAL_SIZE if size is None else positive_numbers(size, 3, "opt.final_size", path, int)
+  final_size = (labeling_patches.DEFAULT_PATCH_SIZE if size is None
+                else positive_numbers(size, 3, "opt.final_size", path, int))
+  try:
+    labeling_patches.check_size(final_size, "opt.final_size")
+    level_classes.check_heads(heads)
+  except ValueError as e:  # HeadError is one
+    raise ConversionError(f"{path}: {e}") from None
   smallest = labeling.smallest_patch(backbone)
   if min(final_size) < smallest:
     raise ConversionError(f"{path}: opt.final_size {final_size} is below the {smallest} voxels per axis that a "
@@ -208,18 +199,27 @@ def plclassifier_architecture(arrays: Mapping[str, np.ndarray], hparams: Mapping
 
 
 def labeling_config(arch: Mapping[str, Any], config: Mapping[str, Any], folder, provenance: Mapping[str, Any]):
-  """A labelling bundle's config: `spineps_labeling_config`, the checkpoint's architecture and inference_config.json."""
+  """A labelling bundle's config (the module docstring's fields) from the checkpoint's architecture and
+  inference_config.json."""
   source = pathlib.Path(folder) / INFERENCE_CONFIG
-  c = spineps_labeling_config()
-  c.model.update(backbone=arch["backbone"], heads=tuple(arch["heads"]), head_hidden=arch["head_hidden"], dropout=0.0)
-  c.data.patch_size = tuple(arch["final_size"])
   codes = orientation(config, folder)
   bounds = resolution_bounds(config, folder)
   if codes is None or bounds is None:
     raise ConversionError(f"{source}: needs model_expected_orientation and resolution_range (the labelling phase "
                           f"crops and rescales the scan by them)")
-  c.data.preprocess.update(axcodes=codes, spacing_min=bounds[0], spacing_max=bounds[1])
-  c.inference.patch_rotation = ROTATED_DATASET_MARK in arch["ds_name"]
+  if codes != tuple(spatial.PIR):
+    raise ConversionError(f"{source}: model_expected_orientation {''.join(codes)}: phase 3 here crops and rescales "
+                          f"the scan in P, I, R; only PIR converts")
+  c = ml_collections.ConfigDict()
+  c.task = "labeling"
+  c.model = labeling.default_model_config()
+  c.model.update(backbone=arch["backbone"], heads=tuple(arch["heads"]), head_hidden=arch["head_hidden"], dropout=0.0)
+  c.data = ml_collections.ConfigDict(dict(
+      patch_size=tuple(arch["final_size"]), zoom=bounds[0], crop_margin_mm=labeling_patches.LABELING_CROP_MARGIN_MM,
+      corpus_masked=True, rotate=ROTATED_DATASET_MARK in arch["ds_name"]))
+  if bounds[0] != bounds[1]:
+    c.data.zoom_range = bounds
+  c.inference = naming.default_inference_config()
   c.converted_from = ml_collections.ConfigDict(dict(provenance))
   for field in ("log_name", "modality", "acquisition"):
     if field in config:
@@ -302,9 +302,8 @@ def prepare_labeling(folder) -> tuple[ml_collections.ConfigDict, dict[str, Any],
   variables = labeling_variables(arrays, arch, checkpoint)
   check_variables(variables, cfg, checkpoint)
   summary = {**provenance, "backbone": arch["backbone"], "heads": [list(h) for h in arch["heads"]],
-             "head_hidden": arch["head_hidden"], "patch_size": list(cfg.data.patch_size),
-             "patch_rotation": bool(cfg.inference.patch_rotation), "axcodes": list(cfg.data.preprocess.axcodes),
-             "spacing_min": list(cfg.data.preprocess.spacing_min), "spacing_max": list(cfg.data.preprocess.spacing_max),
+             "head_hidden": arch["head_hidden"], "patch_size": list(cfg.data.patch_size), "rotate": cfg.data.rotate,
+             "zoom": list(cfg.data.zoom), "zoom_range": [list(b) for b in cfg.data.get("zoom_range", ())] or None,
              "num_parameters": int(sum(np.size(v) for v in jax.tree.leaves(variables["params"]))),
              "unused_opt_dropout": arch["opt_dropout"]}
   return cfg, variables, summary

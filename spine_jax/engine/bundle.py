@@ -4,7 +4,8 @@ A bundle is a folder with two files:
 - `bundle.json`: `format`, `version`, `task`, `step` (the training step, 0 for a conversion) and
   `config`, the inference part of the model's config: the architecture (`model`), how scans become
   network inputs (`data.preprocess`, `data.patch`, `data.patch_size`, `data.cutout`, `data.slices`,
-  `data.in_channels`; the labelling patch's `data.zoom`, `data.crop_margin_mm`, `data.corpus_masked`, `data.rotate`),
+  `data.in_channels`; the labelling patch's `data.zoom`, `data.zoom_range`, `data.crop_margin_mm`,
+  `data.corpus_masked`, `data.rotate`),
   the sliding window and mirroring (`inference`), post-processing (`postprocess`), the per-vertebra
   decisions (`eval`) and where converted weights came from (`converted_from`). No optimiser, no
   training data, no schedule.
@@ -40,7 +41,7 @@ PARAMS_FILE = "params.npz"
 BUNDLE_DIR = "bundle"  # inside a training work directory
 CONFIG_FIELDS = ("task", "model", "inference", "postprocess", "eval", "converted_from")
 DATA_FIELDS = ("preprocess", "patch", "patch_size", "cutout", "slices", "in_channels",
-               "zoom", "crop_margin_mm", "corpus_masked", "rotate")  # the last four: the labelling patch
+               "zoom", "zoom_range", "crop_margin_mm", "corpus_masked", "rotate")  # the last five: the labelling patch
 
 
 def inference_config(config) -> ml_collections.ConfigDict:

@@ -19,7 +19,7 @@ is that same per-dense-layer rate, 0 by default; the heads have none, as SPINEPS
 
 Backbones (``model.backbone``, a preset of ``models/densenet.py``): ``densenet121`` and
 ``densenet169`` are SPINEPS' two (its ``MODEL`` enum); ``labeling_small`` trains on a 2-core CPU
-(BUILD_NOTES.md, "Labelling network"); ``tiny`` is for tests.
+(BUILD_NOTES.md, "SPINEPS labelling models"); ``tiny`` is for tests.
 
 Parameter names: the trunk is ``features`` (torchvision's name, as ``multitask`` places it), head
 ``g`` is ``head_<g>`` with ``hidden`` (when ``head_hidden``) and ``out``.

@@ -4,6 +4,8 @@ import importlib.util
 import json
 import pathlib
 
+from tests import spineps_worker
+
 # Small: widths 8, 8, 16, 32 (Unet3D's 8 GroupNorm groups need multiples of 8), 3 levels.
 DIM, DIM_MULTS, CUTOUT = 8, (1, 2, 4), (16, 24, 8)
 INSTANCE_CONFIG = {
@@ -89,19 +91,7 @@ def torch_plclassifier(heads=LABELING_HEADS, backbone="DenseNet121", hidden=True
       features = self.net(x)
       return {name: head(features) for name, head in self.classification_heads.items()}
 
-  model = PLClassifierNetwork()
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-        n = module.num_features
-        module.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
-        module.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-        module.weight.copy_(0.5 + torch.rand(n, generator=gen))
-        module.bias.copy_(0.1 * torch.randn(n, generator=gen))
-      elif isinstance(module, torch.nn.Linear):
-        module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
-  return model.eval()
+  return spineps_worker.randomise_weights(PLClassifierNetwork(), seed)
 
 
 def labeling_opt(heads=LABELING_HEADS, **overrides):

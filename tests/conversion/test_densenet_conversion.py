@@ -14,6 +14,7 @@ from flax import traverse_util
 from spine_jax.conversion import ConversionError
 from spine_jax.conversion import densenet as conv
 from spine_jax.models import densenet
+from tests import spineps_worker
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = dict(init_features=16, growth_rate=8, block_config=(2, 2), bn_size=2)  # MONAI DenseNet kwargs
@@ -21,16 +22,7 @@ TINY = dict(init_features=16, growth_rate=8, block_config=(2, 2), bn_size=2)  # 
 
 def randomise_norms(net, torch, seed=0):
   """Non-trivial BatchNorm statistics and affines, so that a swapped or missing tensor shows."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, module in net.named_modules():
-      if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-        n = module.num_features
-        module.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
-        module.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-        module.weight.copy_(0.5 + torch.rand(n, generator=gen))
-        module.bias.copy_(0.1 * torch.randn(n, generator=gen))
-  return net.eval()
+  return spineps_worker.randomise_weights(net, seed, biases=False)
 
 
 def trunk_vector(net, x):

@@ -18,6 +18,7 @@ from spine_jax.conversion import export_spineps
 from spine_jax.conversion import spineps
 from spine_jax.conversion import spineps_labeling
 from spine_jax.inference import restore
+from spine_jax.inference.phase3 import naming
 from spine_jax.models import labeling
 from tests import spineps_oracle
 from tests.conversion.spineps_folders import LABELING_CONFIG, LABELING_HEADS, LABELING_PATCH, labeling_opt
@@ -27,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 X = np.random.default_rng(0).normal(size=(1, 1, *LABELING_PATCH)).astype(np.float32)  # (B, 1, P, I, R)
 ZOOM = [0.5, 3.3, 5.0]  # a scan's spacing, one axis below, one inside, one above the range
 EXACT_HEADS = (("VERTEXACT", 26), ("REGION", 3))
-SINGLE_SPACING = dict(LABELING_CONFIG, model_expected_orientation=["I", "P", "L"], resolution_range=[0.8, 0.75, 1.7])
+SINGLE_SPACING = dict(LABELING_CONFIG, resolution_range=[0.8, 0.75, 1.7])
 MAX_RELATIVE = 2e-5  # max |ours - reference| / max |reference| per head, float32
 
 
@@ -79,7 +80,7 @@ def monai_folder(torch, monai_nets, tmp_path_factory):
 
 def test_monai_plclassifier_converts_to_the_same_logits(monai_folder, tmp_path, conformance):
   folder, _, reference = monai_folder
-  summary = spineps.convert_pair(tmp_path / "models", labeling_folder=folder)
+  summary = spineps.convert_pair(tmp_path / "models", labeling_folder=folder, spineps_defects=True)
   assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["labeling"]
   agree("labelling: PLClassifier (MONAI DenseNet-121, 6 heads) 1x48x64x32", our_logits(tmp_path / "models" / "labeling"),
         reference, conformance)
@@ -87,12 +88,17 @@ def test_monai_plclassifier_converts_to_the_same_logits(monai_folder, tmp_path, 
   assert config.task == "labeling" and tuple(config.data.patch_size) == LABELING_PATCH
   assert [tuple(h) for h in config.model.heads] == list(LABELING_HEADS) and config.model.head_hidden
   assert (config.model.backbone, config.model.dropout) == ("densenet121", 0.0)  # opt.dropout 0.05 never reaches it
-  assert tuple(config.data.preprocess.axcodes) == ("P", "I", "R")
-  assert (tuple(config.data.preprocess.spacing_min), tuple(config.data.preprocess.spacing_max)) == (
-      (0.75, 0.75, 1.65), (3.0, 3.0, 4.0))
-  assert config.inference.crop_margin_mm == 128 and config.inference.rotation_padding_voxels == 64
-  assert config.inference.patch_rotation is False  # ds_name sagittal_v3corpus_npz
-  assert config.data.preprocess.patch_normalisation == "nonzero_zscore"
+  # resolution_range (min, max): the lower bound as the zoom, both as the range the scan's spacing is clamped into.
+  assert tuple(config.data.zoom) == (0.75, 0.75, 1.65)
+  assert [tuple(b) for b in config.data.zoom_range] == [(0.75, 0.75, 1.65), (3.0, 3.0, 4.0)]
+  assert (config.data.crop_margin_mm, config.data.corpus_masked) == (128, True)
+  assert config.data.rotate is False  # ds_name sagittal_v3corpus_npz
+  assert config.inference.spineps_defects is True
+  assert {k: v for k, v in config.inference.items() if k != "spineps_defects"} == {
+      k: v for k, v in naming.default_inference_config().items() if k != "spineps_defects"}
+  spec = naming.spec_of(config)  # what predict spine --labeling_checkpoint reads
+  assert (spec.patch_size, spec.zoom, spec.rotate, spec.corpus_masked) == (LABELING_PATCH, (0.75, 0.75, 1.65),
+                                                                           False, True)
   assert summary["labeling"]["unused_opt_dropout"] == 0.05
   assert json.loads((tmp_path / "models" / "labeling" / "conversion.json").read_text())["backbone"] == "densenet121"
 
@@ -132,7 +138,7 @@ def test_spineps_plclassifier_gives_the_same_logits(spineps_folders, converted, 
   agree("labelling: SPINEPS PLClassifier DenseNet-121, 6 heads", our_logits(converted / "veridah"), reference[0],
         conformance)
   _, config, _ = restore.load_for_inference(converted / "veridah", "labeling")
-  assert tuple(config.data.patch_size) == LABELING_PATCH and config.inference.patch_rotation is True  # v4corpus
+  assert tuple(config.data.patch_size) == LABELING_PATCH and config.data.rotate is True  # v4corpus
   assert config.converted_from.log_name == "T2w_labeling"
 
 
@@ -143,11 +149,9 @@ def test_densenet169_without_hidden_layers_and_defaults(spineps_folders, convert
   _, config, _ = restore.load_for_inference(converted / "exact169", "labeling")
   assert (config.model.backbone, config.model.head_hidden) == ("densenet169", False)
   assert [tuple(h) for h in config.model.heads] == list(EXACT_HEADS)
-  assert tuple(config.data.patch_size) == spineps_labeling.DEFAULT_FINAL_SIZE  # no opt.final_size
-  assert config.inference.patch_rotation is False  # no ds_name
-  # The orientation and a single spacing are kept as SPINEPS reads them (its axes, both bounds equal).
-  assert tuple(config.data.preprocess.axcodes) == ("I", "P", "L")
-  assert tuple(config.data.preprocess.spacing_min) == tuple(config.data.preprocess.spacing_max) == (0.8, 0.75, 1.7)
+  assert tuple(config.data.patch_size) == (152, 168, 32)  # no opt.final_size: SPINEPS' default
+  assert config.data.rotate is False  # no ds_name
+  assert tuple(config.data.zoom) == (0.8, 0.75, 1.7) and "zoom_range" not in config.data  # one spacing
 
 
 # ------------------------------------------------------------------------ the way back
@@ -169,11 +173,8 @@ def test_the_way_back_is_bit_identical(converted, exported, tmp_path):
     a, b = _flat(getattr(want, collection)), _flat(getattr(got, collection))
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
-  assert got_config.model.to_dict() == want_config.model.to_dict()
-  for field in ("patch_size", "preprocess"):
-    assert json.dumps(got_config.data[field].to_dict() if field == "preprocess" else list(got_config.data[field])) == \
-        json.dumps(want_config.data[field].to_dict() if field == "preprocess" else list(want_config.data[field]))
-  assert got_config.inference.to_dict() == want_config.inference.to_dict()
+  for part in ("model", "data", "inference"):
+    assert json.loads(got_config[part].to_json()) == json.loads(want_config[part].to_json()), part
 
 
 def test_spineps_loads_the_exported_folder_and_a_monai_made_one(spineps_folders, converted, exported, monai_folder,
@@ -192,11 +193,10 @@ def test_spineps_loads_the_exported_folder_and_a_monai_made_one(spineps_folders,
   assert str(loaded["0/class"]) == "spineps.architectures.pl_densenet.PLClassifier"
   assert list(loaded["0/heads"]) == [name for name, _ in LABELING_HEADS]
   assert tuple(loaded["0/final_size"]) == tuple(loaded["0/cutout_size"]) == tuple(config.data.patch_size)
-  assert bool(loaded["0/patch_rotation"]) is config.inference.patch_rotation is True
-  assert tuple(loaded["0/orientation"]) == tuple(config.data.preprocess.axcodes)
-  # The bundle's spacing bounds give SPINEPS' rescaling spacing: each axis clamped into [min, max].
-  ours = np.clip(ZOOM, config.data.preprocess.spacing_min, config.data.preprocess.spacing_max)
-  np.testing.assert_array_equal(loaded["0/recommended_zoom"], ours)
+  assert bool(loaded["0/patch_rotation"]) is config.data.rotate is True
+  assert tuple(loaded["0/orientation"]) == ("P", "I", "R")
+  # The bundle's zoom range gives SPINEPS' rescaling spacing: each axis clamped into [min, max].
+  np.testing.assert_array_equal(loaded["0/recommended_zoom"], np.clip(ZOOM, *config.data.zoom_range))
   assert bool(loaded["1/patch_rotation"]) is False and tuple(loaded["1/final_size"]) == LABELING_PATCH
 
 
@@ -264,6 +264,8 @@ def test_other_model_folders_are_named(tmp_path):
     ("bad name", lambda sd: {k.replace("heads.VERT.", "heads.VERT-1."): v for k, v in sd.items()},
      r"name 'VERT-1' is not letters"),
     ("no heads", _head_keys("classification_heads."), r"no classification_heads"),
+    ("unknown head", lambda sd: {k.replace("heads.REGION.", "heads.VERTREGION."): v for k, v in sd.items()},
+     r"unknown labelling head 'VERTREGION'"),
     ("missing trunk tensor", _head_keys("net.features.denseblock4.denselayer16.layers.norm2.weight"),
      r"missing features.denseblock4.denselayer16.norm2.weight"),
 ])
@@ -273,8 +275,9 @@ def test_head_and_backbone_layouts_it_cannot_map(monai_folder, tmp_path, case, c
   arrays = {k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in state_dict.items()}
   changed = {k: torch.from_numpy(np.asarray(v)) for k, v in change(arrays).items()}
   groups = {name: n for name, n in LABELING_HEADS}
-  if case == "bad name":
-    groups = {"VERT-1" if k == "VERT" else k: n for k, n in groups.items()}
+  renamed = {"bad name": ("VERT", "VERT-1"), "unknown head": ("REGION", "VERTREGION")}.get(case)
+  if renamed:
+    groups = {renamed[1] if k == renamed[0] else k: n for k, n in groups.items()}
   _refused(write_labeling_folder(tmp_path, state_dict=changed, groups=groups), pattern)
 
 
@@ -284,10 +287,12 @@ def test_head_and_backbone_layouts_it_cannot_map(monai_folder, tmp_path, case, c
     (dict(classification_linear=False), None, None, r"opt.classification_linear is False but the heads have hidden"),
     (dict(final_size=(152, 168, 16)), None, None, r"opt.final_size \(152, 168, 16\) is below the 32 voxels"),
     (dict(final_size=(152, 168)), None, None, r"opt.final_size \(152, 168\) is not 3 positive numbers"),
+    (dict(final_size=(152, 167, 32)), None, None, r"opt.final_size: expected three positive even voxel counts"),
     ({}, {"VERT": 24, "REGION": 3}, None, r"group_2_n_channel .* differs from the heads"),
     ({}, None, {k: v for k, v in LABELING_CONFIG.items() if k != "resolution_range"},
      r"needs model_expected_orientation and resolution_range"),
     ({}, None, dict(LABELING_CONFIG, resolution_range=[[1, 1, 1], [0.5, 2, 2]]), r"a minimum above its maximum"),
+    ({}, None, dict(LABELING_CONFIG, model_expected_orientation=["I", "P", "L"]), r"IPL: .* only PIR converts"),
 ])
 def test_hyper_parameters_and_config_that_disagree(monai_folder, tmp_path, opt, groups, config, pattern):
   _, state_dict, _ = monai_folder
@@ -306,15 +311,22 @@ def test_other_densenets_are_refused(torch, monai_nets, tmp_path):
   _refused(folder, r"the trunk is a DenseNet \(3D, 1 input channel\(s\), growth 8, blocks \(2, 2\).*DenseNet-121 or -169")
 
 
-def test_models_spineps_cannot_build_are_not_exported(tmp_path):
+@pytest.mark.parametrize("change, pattern", [
+    (dict(backbone="labeling_small"), r"backbone 'labeling_small': SPINEPS' PLClassifier builds only densenet121"),
+    (dict(backbone="densenet121", dropout=0.1), r"dropout 0.1: SPINEPS' network has no dropout"),
+    (dict(backbone="densenet121", corpus_masked=False), r"data.corpus_masked False .* always masks to the corpus"),
+])
+def test_models_spineps_cannot_run_are_not_exported(tmp_path, change, pattern):
+  from configs import labeling as labeling_config
   from spine_jax.engine import bundle
-  config = spineps_labeling.spineps_labeling_config()
-  config.model.update(backbone="tiny", heads=(("VERT", 24),))
-  config.data.patch_size = (8, 8, 8)
+  config = labeling_config.get_config("smoke")
+  config.model.update({k: v for k, v in change.items() if k in config.model})
+  config.data.update({k: v for k, v in change.items() if k in config.data})
   model = labeling.build_labeling_model(config.model)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 1)), train=False))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *config.data.patch_size, 1)),
+                                             train=False))
   variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  tiny = bundle.write_bundle(tmp_path / "tiny", config, variables)
-  with pytest.raises(ConversionError, match=r"backbone 'tiny': SPINEPS' PLClassifier builds only densenet121"):
-    export_spineps.export_pair(tmp_path / "out", labeling_checkpoint=tiny)
+  saved = bundle.write_bundle(tmp_path / "model", config, variables)
+  with pytest.raises(ConversionError, match=pattern):
+    export_spineps.export_pair(tmp_path / "out", labeling_checkpoint=saved)
   assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
