@@ -192,3 +192,34 @@ def test_a_resolution_range_takes_the_semantic_spacing_clamped_into_it(unet3d, t
   spineps.convert_pair(tmp_path / "alone", instance_folder=instance, trust_pickle=True)
   config = restore.load_for_inference(tmp_path / "alone" / "instance", "instance")[1]
   assert tuple(config.data.preprocess.spacing) == (0.5, 1.0, 2.0)
+
+
+def test_converted_random_set_runs_predict_spine_with_labeling(unet3d, tmp_path):
+  """Three randomly initialised SPINEPS-format folders (semantic nnU-Net, instance Unet3D, labelling PLClassifier),
+  converted as one set, run `segment_spine` end to end on a phantom with phase 3; and the converted labelling
+  model names the phantom's reference vertebrae (positional ids) with valid levels, a scan spacing clamped into
+  the folder's resolution_range."""
+  from spine_jax.data.phantoms import mri
+  from spine_jax.inference import spine
+  from spine_jax.inference.phase3 import naming
+  from spine_jax.training import labeling as labeling_task
+  from tests.conversion.spineps_folders import torch_plclassifier, write_labeling_folder
+  pytest.importorskip("monai", reason="monai builds SPINEPS' DenseNet (pip install monai --no-deps)")
+  semantic = _spineps_semantic_folder(tmp_path / "sem")
+  instance = write_instance_folder(tmp_path / "inst", torch_unet3d(unet3d))
+  labeling = write_labeling_folder(tmp_path / "lab", torch_plclassifier())
+  spineps.convert_pair(tmp_path / "set", semantic_folder=semantic, instance_folder=instance,
+                       labeling_folder=labeling, trust_pickle=True)
+  sem, inst = spine.load_spine_models(tmp_path / "set" / "semantic", tmp_path / "set" / "instance")
+  lab = spine.load_labeling_model(tmp_path / "set" / "labeling", sem.mesh)
+  spec = naming.spec_of(lab.config)
+  cfg = mri.labeling_smoke_config()
+  volume = mri.make_spine(np.random.default_rng(1), cfg)  # a lumbar field, 1.5 x 1.5 x 3.3 mm
+  assert naming.patch_zoom(spec, volume["affine"]) == (1.5, 1.5, 3.3)  # inside [0.75..3, 0.75..3, 1.65..4]
+  result = spine.segment_spine(volume["image"], volume["affine"], sem, inst, labeling_model=lab)
+  assert result["labeling"]["method"] == naming.NETWORK_METHOD and "labeling" in result["seconds"]
+  instances, truth = labeling_task.positional(volume["instance"])
+  named = naming.name_vertebrae(volume["image"], volume["affine"], instances, volume["semantic"], lab.fn, spec)
+  assert named.vertebrae and all(v["level"] for v in named.vertebrae.values())
+  ids = [named.mapping[k] for k in sorted(named.vertebrae)]
+  assert all(b > a or (a, b) in ((28, 20), (19, 28), (18, 20)) for a, b in zip(ids, ids[1:]))  # a level path

@@ -23,6 +23,7 @@ import numpy as np
 from spine_jax.data import labeling_patches as lp
 from spine_jax.data import level_classes
 from spine_jax.data import levels as levels_lib
+from spine_jax.data import nifti
 from spine_jax.data import spatial
 from spine_jax.data import spineps_preprocess
 from spine_jax.data.spine_labels import DISC_OFFSET, ENDPLATE_OFFSET
@@ -46,6 +47,7 @@ class NamingSpec:
   heads: tuple[tuple[str, int], ...]
   patch_size: tuple[int, int, int]
   zoom: tuple[float, float, float]
+  zoom_range: tuple[tuple[float, ...], tuple[float, ...]] | None  # SPINEPS' (min, max) resolution_range
   crop_margin_mm: float
   corpus_masked: bool
   rotate: bool
@@ -60,11 +62,14 @@ def spec_of(config) -> NamingSpec:
   inference = dict(config.get('inference', default_inference_config()))
   options = level_path.PathOptions(**{k: v for k, v in inference.items() if k in path_fields})
   batch_size = int(inference.get('batch_size', 8))
+  zoom_range = data.get('zoom_range', None)
+  if zoom_range is not None:
+    zoom_range = tuple(tuple(float(z) for z in bound) for bound in zoom_range)
   if batch_size < 1:
     raise ValueError(f'inference.batch_size must be at least 1, got {batch_size}')
   return NamingSpec(heads=level_classes.check_heads(config.model.heads),
                     patch_size=lp.check_size(data.patch_size, 'data.patch_size'),
-                    zoom=tuple(float(z) for z in data.zoom), crop_margin_mm=float(data.crop_margin_mm),
+                    zoom=tuple(float(z) for z in data.zoom), zoom_range=zoom_range, crop_margin_mm=float(data.crop_margin_mm),
                     corpus_masked=bool(data.get('corpus_masked', True)), rotate=bool(data.get('rotate', False)),
                     batch_size=batch_size, options=options)
 
@@ -84,6 +89,17 @@ class Naming:
     """The centroid JSON's `labeling` entry."""
     return {'method': self.method, 'path_cost': self.cost,
             'vertebrae': {str(k): v for k, v in self.vertebrae.items()}, 'messages': list(self.messages)}
+
+
+def patch_zoom(spec: NamingSpec, affine: np.ndarray) -> tuple[float, ...]:
+  """The zoom (mm, P, I, R) the scan is rescaled to: the spec's, or with a (min, max) range the scan's own
+  spacing clamped into it per axis (SPINEPS' seg_model.py `calc_recommended_resampling_zoom`)."""
+  if spec.zoom_range is None:
+    return spec.zoom
+  _, pir_affine, _ = nifti.reorient(np.zeros((1, 1, 1), np.uint8), affine, spatial.PIR)
+  scan = spatial.tptbox_zoom(nifti.spacing_from_affine(pir_affine))
+  low, high = spec.zoom_range
+  return tuple(float(max(min(s, hi), lo)) for s, lo, hi in zip(scan, low, high))
 
 
 def _batched(predict_fn: Callable, patches: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:
@@ -112,7 +128,8 @@ def name_vertebrae(image: np.ndarray, affine: np.ndarray, instances: np.ndarray,
   if semantic is not None and (box := lp.spine_crop(semantic, affine)) is not None:  # as SPINEPS hands it over
     image, instances, semantic = image[box], instances[box], semantic[box]
     affine = spineps_preprocess.crop_affine(affine, box)
-  patches = lp.cut_patches(image, affine, instances, semantic if spec.corpus_masked else None, zoom=spec.zoom,
+  patches = lp.cut_patches(image, affine, instances, semantic if spec.corpus_masked else None,
+                           zoom=patch_zoom(spec, affine),
                            patch_size=spec.patch_size, orientation=spatial.PIR, crop_margin_mm=spec.crop_margin_mm,
                            rotate=spec.rotate)
   messages = []
