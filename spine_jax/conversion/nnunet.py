@@ -172,7 +172,10 @@ def semantic_config(plan: nnunet_plans.Plan, axcodes: Sequence[str], step_size: 
       axcodes=tuple(axcodes), spacing=nnunet_plans.permute(plan.spacing, order), image_order=3,
       max_intensity=spatial.SPINEPS_MAX_INTENSITY, max_voxels=spatial.DEFAULT_MAX_VOXELS, grid=grid))
   if grid == spatial.SPINEPS_GRID:  # SPINEPS' preprocessing: N4, its framing and nnU-Net's z-score
-    c.data.preprocess.update(normalisation=spineps_preprocess.SPINEPS, bias_field=bias_field.N4)
+    # With SPINEPS' defects kept (its masks reproduced), N4 is SimpleITK's, bit for bit with SPINEPS' ANTsPy on
+    # the TPTBox MRI; the numpy rewrite differs by ~3e-5, which can flip a borderline vertebra (BUILD_NOTES.md).
+    c.data.preprocess.update(normalisation=spineps_preprocess.SPINEPS, bias_field=bias_field.N4,
+                             n4_backend=bias_field.SITK if window_mode == sliding_window.SPINEPS_MODE else bias_field.NUMPY)
   c.data.patch = ml_collections.ConfigDict(dict(patch_size=nnunet_plans.permute(plan.patch_size, order)))
   # nnU-Net mirrors without exchanging left and right structures.
   c.inference = ml_collections.ConfigDict(dict(step_size=float(step_size), batch_size=2, mirror_axes=tuple(mirror),

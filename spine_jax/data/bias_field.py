@@ -79,6 +79,14 @@ def bias_field_of(prep_cfg) -> str:
   return value
 
 
+def n4_backend_of(prep_cfg) -> str:
+  """The N4 implementation a preprocess config asks for: its `n4_backend` field, DEFAULT_N4_BACKEND when absent."""
+  value = prep_cfg.get('n4_backend', DEFAULT_N4_BACKEND)
+  if value not in N4_BACKENDS:
+    raise ValueError(f'config.data.preprocess.n4_backend: unknown value {value!r} (one of {", ".join(N4_BACKENDS)})')
+  return value
+
+
 def _sitk():
   try:
     import SimpleITK

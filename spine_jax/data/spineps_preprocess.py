@@ -88,7 +88,8 @@ def crop_affine(affine: np.ndarray, box) -> np.ndarray:
 
 
 def prepare_input(image: np.ndarray, affine: np.ndarray, *, bias: str = bias_field.NONE, name='input volume',
-                  max_voxels: int | None = spatial.DEFAULT_MAX_VOXELS) -> np.ndarray:
+                  max_voxels: int | None = spatial.DEFAULT_MAX_VOXELS,
+                  n4_backend: str = bias_field.DEFAULT_N4_BACKEND) -> np.ndarray:
   """Steps 1-5 (module docstring) on the input grid; the dtype follows TPTBox's (an integer scan stays one)."""
   image = np.asarray(image)
   spatial.check_volume(image, name=name, max_voxels=max_voxels)
@@ -97,7 +98,7 @@ def prepare_input(image: np.ndarray, affine: np.ndarray, *, bias: str = bias_fie
   crop = out[box]
   if bias == bias_field.N4:
     try:
-      crop = bias_field.spineps_n4(crop, crop_affine(affine, box))
+      crop = bias_field.spineps_n4(crop, crop_affine(affine, box), backend=n4_backend)
     except ValueError as error:
       raise spatial.VolumeError(f'{name}: {error}') from None
   out[box] = normalize_to_range(crop)

@@ -54,7 +54,8 @@ def prepare_scan(image, affine, prep_cfg, *, semantic=None, instance=None, name=
   spineps_mode = spineps_preprocess.normalisation_of(prep_cfg) == spineps_preprocess.SPINEPS
   if spineps_preprocess.runs_on_input_grid(prep_cfg):
     image = spineps_preprocess.prepare_input(image, affine, bias=bias_field.bias_field_of(prep_cfg), name=name,
-                                             max_voxels=prep_cfg.max_voxels)
+                                             max_voxels=prep_cfg.max_voxels,
+                                             n4_backend=bias_field.n4_backend_of(prep_cfg))
   x, space = spatial.to_model_space(image, affine, axcodes=tuple(prep_cfg.axcodes), spacing=target,
                                     order=prep_cfg.image_order, max_voxels=prep_cfg.max_voxels,
                                     grid=spatial.grid_of(prep_cfg), input_pad=spineps_preprocess.input_pad_of(prep_cfg),

@@ -172,11 +172,13 @@ def test_command_converts_the_pair_for_predict_spine(unet3d, tmp_path):
   assert tuple(inst.config.inference.cutout_size) == CUTOUT
   # SPINEPS' defects stay out unless asked for (BUILD_NOTES.md, SPINEPS parity)
   assert sem.config.inference.sliding_window_mode == "spine_jax" and not inst.config.inference.abort_on_empty_couple
+  assert sem.config.data.preprocess.n4_backend == "numpy"
   run = cli(f"--semantic_folder={semantic.parent}", f"--instance_folder={instance.parent}", f"--output={out}",
             "--overwrite", "--spineps_defects")
   assert run.returncode == 0, run.stderr
   sem, inst = spine.load_spine_models(out / "semantic", out / "instance")
   assert sem.config.inference.sliding_window_mode == "spineps" and inst.config.inference.abort_on_empty_couple
+  assert sem.config.data.preprocess.n4_backend == "sitk"  # SPINEPS' masks: SimpleITK's N4, as ANTsPy's
 
 
 def test_a_resolution_range_takes_the_semantic_spacing_clamped_into_it(unet3d, tmp_path):
