@@ -100,9 +100,10 @@ def test_api_on_arrays_keeps_the_grid(runs):
   seen = set()
   result = spine.segment_spine(image, affine, semantic_model, instance_model, first_vertebra="C2",
                                progress=lambda stage, done, total: seen.add(stage))
-  assert set(result) == {"semantic", "instance", "centroids", "messages", "seconds"}
+  assert set(result) == {"semantic", "instance", "centroids", "messages", "seconds", "labeling"}
+  assert result["labeling"]["method"].startswith("positions: the top vertebra is 2")  # no labelling model
   assert set(result["seconds"]) == {"preprocess", "semantic_network", "semantic_cleanup", "instance", "postprocess",
-                                    "centroids"} and all(v >= 0 for v in result["seconds"].values())
+                                    "labeling", "centroids"} and all(v >= 0 for v in result["seconds"].values())
   assert result["semantic"].shape == result["instance"].shape == image.shape
   assert result["semantic"].dtype == np.uint8 and result["instance"].dtype == np.int16
   assert set(np.unique(result["semantic"]).tolist()) <= set(spine_labels.SEMANTIC_IDS)
