@@ -682,6 +682,7 @@ def level_paths(cases: list[dict], **arrays: np.ndarray) -> dict[str, np.ndarray
     out[f"{i}/seconds"] = np.asarray(time.perf_counter() - start)
     out[f"{i}/cost"] = np.asarray(float(cost))
     out[f"{i}/path"] = np.asarray(path, np.int64)
+  return out
 
 
 def randomise_weights(model, seed: int = 0, biases: bool = True):
