@@ -261,8 +261,7 @@ def spine_crop(semantic: np.ndarray, affine: np.ndarray) -> tuple[slice, ...] | 
   boxes = ndimage.find_objects((np.asarray(semantic) > 0).astype(np.int8))
   if not boxes:
     return None
-  zoom = np.round(np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0), 7)
-  margin = int(SPINE_CROP_MARGIN_MM / float(zoom.min()))
+  margin = int(SPINE_CROP_MARGIN_MM / float(min(spatial.tptbox_zoom(nifti.spacing_from_affine(affine)))))
   return tuple(slice(max(0, b.start - margin), min(n, b.stop + margin)) for b, n in zip(boxes[0], semantic.shape))
 
 

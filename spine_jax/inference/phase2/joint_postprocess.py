@@ -44,7 +44,6 @@ from spine_jax.inference.phase2.common import (BODY, CUBE, DISC, DISC_OFFSET, ED
 from spine_jax.inference.phase2.labelling import first_vertebra_id, reassign_articular_processes
 
 # SPINEPS 2.1.3's constants (phase_post.py:37-51, proc_functions.py:21), from its T2w grid, which is ours.
-CROP_MARGIN_MM = labeling_patches.SPINE_CROP_MARGIN_MM  # 1.5 mm
 MISSING_GROW_STEPS = 2  # 6-connected steps the instances grow into uncovered vertebra voxels
 MERGED_SIZE_RATIO = 0.5  # the top instance merges only if smaller than this fraction of the next ...
 MERGED_MIN_CONTACT_MM2 = 20 * float(np.prod(spatial.REFERENCE_SPACING)) ** (2.0 / 3.0)  # ... and touches it more
@@ -273,7 +272,7 @@ def postprocess_combined(semantic: np.ndarray, instances: np.ndarray, affine, *,
     note(messages, 'empty semantic mask: no instances')
     return sem_out, inst_out, messages
   zoom = zooms(affine)
-  crop = _box(semantic > 0, int(CROP_MARGIN_MM / min(zoom)))
+  crop = labeling_patches.spine_crop(semantic, affine)  # the box the labelling phase sees too
   sem = semantic[crop].astype(np.int32)
   inst = np.where(sem != 0, instances[crop], 0).astype(np.int32)
   inst = reassign_articular_processes(inst, sem)
