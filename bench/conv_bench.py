@@ -1,10 +1,14 @@
-"""One 3x3x3 convolution on CPU: XLA's 3D convolution, SlicedConv (2D convolutions), PyTorch's Conv3d.
+"""One stride-1 3D convolution on CPU: XLA's 3D convolution, SlicedConv (2D convolutions), the FFT form,
+PyTorch's Conv3d.
 
-  python bench/conv_bench.py [--shape=2,64,128,32] [--channels=16] [--repeats=5]
+  python bench/conv_bench.py [--shape=2,64,128,32] [--channels=16] [--in_channels=C] [--kernel=3] [--repeats=5]
+  python bench/conv_bench.py --shape=4,72,80,16 --in_channels=10 --channels=8 --kernel=7 --impls=sliced,fft
+  # (the instance network's first convolution)
 
 Forward, and backward (input and weight gradients), each the median wall time of --repeats after a
 warm-up, in one process; PyTorch's numbers need the torch extra. Prints one JSON line. This is why the
-U-Net computes with `conv='sliced'` on CPU (models/conv.py).
+U-Nets compute with `conv='auto'` (sums of 2D convolutions, FFTs for kernels of 5^3 taps or more) on CPU
+(models/conv.py).
 """
 import argparse
 import json
@@ -17,12 +21,14 @@ from spine_jax.models import conv as conv_lib
 
 
 
-def bench_jax(impl, shape, channels, repeats):
-  x = jax.random.normal(jax.random.key(0), (*shape, channels))
-  w = jax.random.normal(jax.random.key(1), (3, 3, 3, channels, channels)) * 0.1
-  pad = ((1, 1),) * 3
+def bench_jax(impl, shape, in_channels, channels, kernel, repeats):
+  x = jax.random.normal(jax.random.key(0), (*shape, in_channels))
+  w = jax.random.normal(jax.random.key(1), (kernel,) * 3 + (in_channels, channels)) * 0.1
+  pad = ((kernel // 2, kernel // 2),) * 3
   if impl == "xla":
     f = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1, 1), pad, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+  elif impl == "fft":
+    f = lambda x, w: conv_lib.fft_conv(x, w, pad)
   else:
     f = lambda x, w: conv_lib.sliced_conv(x, w, (1, 1, 1), pad)
   fwd = jax.jit(f)
@@ -32,11 +38,11 @@ def bench_jax(impl, shape, channels, repeats):
           "backward_s": median_time(lambda: jax.block_until_ready(bwd(x, w, dy)), repeats, warmup=True)}
 
 
-def bench_torch(shape, channels, repeats):
+def bench_torch(shape, in_channels, channels, kernel, repeats):
   import torch
   b, *spatial = shape
-  x = torch.randn(b, channels, *spatial, requires_grad=True)
-  conv = torch.nn.Conv3d(channels, channels, 3, padding=1)
+  x = torch.randn(b, in_channels, *spatial, requires_grad=True)
+  conv = torch.nn.Conv3d(in_channels, channels, kernel, padding=kernel // 2)
   with torch.no_grad():
     fwd = median_time(lambda: conv(x), repeats, warmup=True)
   y = conv(x)
@@ -52,15 +58,19 @@ def bench_torch(shape, channels, repeats):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--shape", default="2,64,128,32", help="batch and three spatial sides")
-  ap.add_argument("--channels", type=int, default=16)
+  ap.add_argument("--channels", type=int, default=16, help="output channels (and input, without --in_channels)")
+  ap.add_argument("--in_channels", type=int, default=None)
+  ap.add_argument("--kernel", type=int, default=3, help="odd kernel side; 'same' padding")
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--impls", default="xla,sliced,fft", help="spine_jax forms to time (xla's 7^3 takes minutes)")
   a = ap.parse_args()
   shape = tuple(int(v) for v in a.shape.split(","))
-  result = {"machine": f"{os.cpu_count()} CPUs, {jax.devices()[0].platform}", "shape": shape, "channels": a.channels,
-            "xla_3d": bench_jax("xla", shape, a.channels, a.repeats),
-            "sliced": bench_jax("sliced", shape, a.channels, a.repeats)}
+  args = (shape, a.in_channels or a.channels, a.channels, a.kernel, a.repeats)
+  result = {"machine": f"{os.cpu_count()} CPUs, {jax.devices()[0].platform}", "shape": shape,
+            "in_channels": args[1], "channels": a.channels, "kernel": a.kernel,
+            **{impl: bench_jax(impl, *args) for impl in a.impls.split(",")}}
   try:
-    result["pytorch"] = bench_torch(shape, a.channels, a.repeats)
+    result["pytorch"] = bench_torch(*args)
   except ImportError as e:
     result["pytorch"] = f"not measured: {e}"
   print(json.dumps(result))

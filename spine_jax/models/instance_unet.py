@@ -184,7 +184,7 @@ class InstanceUNet(nn.Module):
   slope: float = 0.01
   remat: bool = False
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'  # 'xla', 'sliced' or 'auto' (models/conv.py)
+  conv_impl: str = 'xla'  # 'xla', 'sliced', 'fft' or 'auto' (models/conv.py)
 
   @property
   def widths(self) -> tuple[int, ...]:
@@ -238,7 +238,7 @@ class InstanceUNet(nn.Module):
       x = res(out, name=f'up{i}_res0')(x)
       x = res(out, name=f'up{i}_res1')(x)
       if i < levels - 1:
-        x = TransposedConv(out, dtype=self.dtype, sliced=impl == 'sliced', name=f'up{i}_transpconv')(x)
+        x = TransposedConv(out, dtype=self.dtype, sliced=conv_lib.is_sliced(impl), name=f'up{i}_transpconv')(x)
     x = res(self.dim, name='final_res_block')(jnp.concatenate([x, r], axis=-1))
     x = conv(self.num_classes, (1, 1, 1), padding='VALID', name='final_conv')(x)
     return x.astype(jnp.float32)

@@ -29,7 +29,12 @@ from spine_jax.metrics.segmentation import finite_mean, format_score
 from spine_jax.training import steps
 
 C2_ID = levels_lib.level_to_label('C2', 'spineps')
-TRANSITIONAL_IDS = {level_classes.T13_ID: 'T13', levels_lib.level_to_label('L6', 'spineps'): 'L6'}
+_T11, _T12, _L1 = (levels_lib.level_to_label(n, 'spineps') for n in ('T11', 'T12', 'L1'))
+# Transitional anatomy in a field, from the true ids of its scored vertebrae: a T13, an L6, or eleven
+# thoracic vertebrae (T11 followed by L1).
+TRANSITIONAL = {'T13': lambda ids: level_classes.T13_ID in ids,
+                'L6': lambda ids: levels_lib.level_to_label('L6', 'spineps') in ids,
+                'eleven_thoracic': lambda ids: _T11 in ids and _L1 in ids and _T12 not in ids}
 
 
 def positional(instances: np.ndarray) -> tuple[np.ndarray, list[int]]:
@@ -67,8 +72,8 @@ def labeling_report(volumes: list[dict]) -> dict:
             'num_vertebrae': len(vertebrae),
             'vertebra_accuracy': finite_mean([float(r['true'] == r['named']) for r in vertebrae])}
   anchored = [v for v in volumes if v['anchor']]
-  transitional = {name: [v for v in volumes if any(r['true'] == i for r in v['vertebrae'])]
-                  for i, name in TRANSITIONAL_IDS.items()}
+  transitional = {name: [v for v in volumes if found({r['true'] for r in v['vertebrae']})]
+                  for name, found in TRANSITIONAL.items()}
   kinds = sorted({v['kind'] for v in volumes})
   return {**summary(anchored), 'without_anchor': summary([v for v in volumes if not v['anchor']]),
           'by_field_kind': {k: summary([v for v in volumes if v['kind'] == k]) for k in kinds},
@@ -109,7 +114,7 @@ class LabelingTask:
     return out
 
   def evaluate(self, state, mesh, workdir: pathlib.Path | None = None) -> dict:
-    """Fraction of held-out volumes named perfectly, per-vertebra accuracy, the T13 / L6 cases."""
+    """Fraction of held-out volumes named perfectly, per-vertebra accuracy, the transitional cases."""
     del workdir
     if self._test is None:
       self._test = self._test_volumes()

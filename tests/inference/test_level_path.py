@@ -72,6 +72,25 @@ def test_forced_c1_and_c2_rows_win():
   assert list(lp.solve(_predictions(ids)).ids) == ids
 
 
+def test_a_forced_last_lumbar_row_counts_from_the_sacrum():
+  ids = list(range(20, 24))  # the network says L1..L4; the lowest rests on the sacrum: L2..L5
+  options = lp.PathOptions(force_last_lumbar_index=3)
+  result = lp.solve(_predictions(ids), options)
+  assert list(result.ids) == list(range(21, 25))
+  row = result.costs[3]
+  assert row[lp.L5_CLASS] > lp.FORCED_LABEL_SCORE and np.count_nonzero(row) == 1
+  # An L6: the network's L5, L6 above the sacrum stay (a trailing repeated L5 on the 24-class axis; the
+  # network's choice between L5 and L6 on the 26-class axis).
+  assert list(lp.solve(_predictions(L6_SPINE[-4:]), lp.PathOptions(force_last_lumbar_index=3)).ids) == L6_SPINE[-4:]
+  exact = lp.solve(_predictions(L6_SPINE[-4:], heads=('VERTEXACT',)), lp.PathOptions(force_last_lumbar_index=3))
+  assert list(exact.ids) == L6_SPINE[-4:]
+  assert np.count_nonzero(exact.costs[3]) == 2
+  with pytest.raises(ValueError, match='force_c2_index and force_last_lumbar_index are both vertebra 1'):
+    lp.PathOptions(force_c2_index=1, force_last_lumbar_index=1)
+  with pytest.raises(ValueError, match='force_last_lumbar_index: vertebra 4, but there are 4 vertebrae'):
+    lp.solve(_predictions(ids), lp.PathOptions(force_last_lumbar_index=4))
+
+
 def test_the_dens_rule():
   ids = [4, 5, 6, 7]
   assert lp.dens_forced_indices(ids, [0.0, 400.0, 20.0, 0.0], disable_c1=False) == (0, 1)

@@ -165,11 +165,14 @@ def _prediction_case(rng, k: int) -> tuple[dict, lp.PathOptions]:
   return arrays, options
 
 
+OURS_ONLY = ('spineps_defects', 'force_last_lumbar_index')  # PathOptions' fields SPINEPS has no argument for
+
+
 def spineps_kwargs(options: lp.PathOptions) -> dict:
   """find_vert_path_from_predictions' keyword arguments for PathOptions (with spineps_defects, SPINEPS' own)."""
   renamed = {'enforce_12_thoracic': 'proc_lab_force_no_tl_anomaly', 'force_c1_index': 'force_c1_instance',
              'force_c2_index': 'force_c2_instance'}
-  return {renamed.get(k, k): v for k, v in dataclasses.asdict(options).items() if k != 'spineps_defects'}
+  return {renamed.get(k, k): v for k, v in dataclasses.asdict(options).items() if k not in OURS_ONLY}
 
 
 def _build_cases(seed: int = 0):

@@ -10,6 +10,7 @@ import pytest
 
 from spine_jax.data import labeling_patches
 from spine_jax.data import level_classes as lc
+from spine_jax.data import levels
 from spine_jax.data import spine_labels
 from spine_jax.data.phantoms import mri as mri_phantoms
 from spine_jax.inference.phase3 import naming
@@ -95,6 +96,28 @@ def test_t13_is_named_and_relabelling_moves_discs_and_endplates():
   np.testing.assert_array_equal(named, reference)
 
 
+def test_the_vertebra_on_the_sacrum_is_the_last_lumbar_one():
+  v = _volume(1)  # a lumbar field down to the sacrum
+  instances, truth = labeling_task.positional(v['instance'])
+  anatomy = lc.Anatomy.of([x['id'] for x in v['vertebrae']])
+  seen = _seen(instances, v['semantic'], truth)
+  assert seen[-1] == levels.level_to_label('L5', 'spineps')
+  # A network that names every vertebra one level high (L1..L4 for L2..L5), as a short lumbar field can mislead it.
+  wrong = [t - 1 for t in seen]
+  misled = naming.name_vertebrae(v['image'], v['affine'], instances, v['semantic'], _oracle(wrong, anatomy), _spec())
+  assert [misled.mapping[truth.index(t) + 1] for t in seen] == wrong
+  anchored = naming.name_vertebrae(v['image'], v['affine'], instances, v['semantic'], _oracle(wrong, anatomy),
+                                   _spec(sacrum_anchor=True))
+  assert [anchored.mapping[truth.index(t) + 1] for t in seen] == seen
+  lowest = truth.index(seen[-1]) + 1
+  assert f'instance {lowest} rests on the sacrum: the last lumbar vertebra' in anchored.messages
+  assert naming.rests_on_sacrum(instances, v['semantic'], v['affine'], lowest)
+  assert not naming.rests_on_sacrum(instances, v['semantic'], v['affine'], lowest - 1)
+  no_sacrum = np.where(v['semantic'] == spine_labels.SACRUM, 0, v['semantic'])
+  assert not naming.rests_on_sacrum(instances, no_sacrum, v['affine'], lowest)
+  assert naming.default_inference_config().sacrum_anchor is False  # SPINEPS' models: its own rules only
+
+
 def test_no_vertebra_and_failures_are_messages_not_crashes():
   v = _volume(1)
   empty = naming.name_vertebrae(v['image'], v['affine'], np.zeros_like(v['instance']), v['semantic'],
@@ -125,9 +148,11 @@ def test_report_counts_anchored_and_transitional_volumes():
   rows = lambda ids, named: labeling_task.score_volume(dict(enumerate(named, start=1)), ids)
   volumes = [dict(name='a', kind='lumbar', anchor=True, **rows([23, 24], [23, 24])),
              dict(name='b', kind='lumbar', anchor=True, **rows([19, 28, 20], [19, 20, 21])),
-             dict(name='c', kind='thoracic', anchor=False, **rows([12, 13], [11, 12]))]
+             dict(name='c', kind='thoracic', anchor=False, **rows([12, 13], [11, 12])),
+             dict(name='d', kind='lumbar', anchor=True, **rows([18, 20, 21], [19, 20, 21]))]
   report = labeling_task.labeling_report(volumes)
-  assert report['num_volumes'] == 2 and report['fraction_perfect'] == 0.5
-  assert report['vertebra_accuracy'] == pytest.approx(3 / 5)
+  assert report['num_volumes'] == 3 and report['fraction_perfect'] == pytest.approx(1 / 3)
+  assert report['vertebra_accuracy'] == pytest.approx(5 / 8)
   assert report['without_anchor']['num_volumes'] == 1 and report['without_anchor']['fraction_perfect'] == 0.0
   assert report['transitional']['T13']['volumes'] == ['b'] and report['transitional']['L6']['num_volumes'] == 0
+  assert report['transitional']['eleven_thoracic']['volumes'] == ['d']

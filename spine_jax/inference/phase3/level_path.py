@@ -7,6 +7,8 @@ SPINEPS 2.1.3 (`phase_labeling.find_vert_path_from_predictions`, `utils/find_min
 2. `min_cost_path`: the cheapest path that moves one class down per vertebra, with the allowed repeats and skips.
 3. `post_process`: classes -> SPINEPS ids (T12, T12 -> T12, T13 = 28; a trailing L5, L5 -> L5, L6 = 25).
 `solve` runs all three. `dens_forced_indices` is SPINEPS' dens rule that pins C2 (and C1 above it).
+`force_last_lumbar_index` is ours (the sacrum anchor of inference/phase3/naming.py, not in SPINEPS): the vertebra
+resting on the sacrum is the last lumbar one, L5 (or an L6, a repeated L5 on the 24-class axis).
 
 Parity with SPINEPS is the point (tests/inference/test_level_path_vs_spineps.py), so the arithmetic follows
 SPINEPS' order and scalar types: the heads keep their dtype (a float32 softmax is smoothed in float32), the path's
@@ -35,11 +37,13 @@ C2_CLASS = lc.VERT_CLASSES.index('C2')
 T11_CLASS = lc.VERT_CLASSES.index('T11')  # eleven thoracic vertebrae: the 24-class path may skip T12
 T12_CLASS = lc.VERT_CLASSES.index('T12')  # a T13: the 24-class path repeats T12
 L5_CLASS = lc.VERT_CLASSES.index('L5')  # an L6: the 24-class path repeats L5
+L5_EXACT_CLASS = lc.VERTEXACT_CLASSES.index('L5')
+L6_EXACT_CLASS = lc.VERTEXACT_CLASSES.index('L6')
 T12_EXACT_CLASS = lc.VERTEXACT_CLASSES.index('T12')
 T13_EXACT_CLASS = lc.VERTEXACT_CLASSES.index('T13')
 L6_ID = levels_lib.level_to_label('L6', 'spineps')
 MAX_REPEATS = 2  # a repeatable class appears at most twice in a path
-FORCED_LABEL_SCORE = 1e6  # a forced C1/C2 row's score: beats any path of softmax scores
+FORCED_LABEL_SCORE = 1e6  # a forced C1/C2 (or last lumbar) row's score: beats any path of softmax scores
 MIN_DENS_VOLUME_MM3 = 250.0  # dens overlap above which an instance is C2
 _DIVIDE_BY_ZERO_OFFSET = 1e-8
 # SPINEPS' fixed Gaussian radii (in classes or vertebrae) and the visibility chain's sigma (in vertebrae).
@@ -62,7 +66,9 @@ class PathOptions:
   `enforce_12_thoracic` is SPINEPS' `--enforce-12-thoracic` (`proc_lab_force_no_tl_anomaly`): no T13, no
   eleven thoracic vertebrae. `disable_c1` True (SPINEPS' models without C1) starts the path at C2.
   `force_c1_index` / `force_c2_index` pin a vertebra (its position, top = 0) to C1 / C2 (the dens rule,
-  `dens_forced_indices`). `exact_classes` None picks the 26-class axis when a VERTEX/VERTEXACT head comes
+  `dens_forced_indices`). `force_last_lumbar_index` pins a vertebra to the last lumbar level: L5 on the
+  24-class axis (the one above may repeat it: an L6), L5 or L6 on the 26-class axis (the network's scores
+  choose). `exact_classes` None picks the 26-class axis when a VERTEX/VERTEXACT head comes
   without a VERT head. `spineps_defects` True reproduces what SPINEPS gets wrong here: on the 26-class axis its
   `enforce_12_thoracic` makes T13 mandatory (no class may be skipped) instead of forbidding it."""
   visible_w: float = 0.5
@@ -89,6 +95,7 @@ class PathOptions:
   enforce_12_thoracic: bool = False
   force_c1_index: int | None = None
   force_c2_index: int | None = None
+  force_last_lumbar_index: int | None = None
   exact_classes: bool | None = None
   punish_skip_t12: float = 0.0
   punish_skip_t13: float = 0.0
@@ -107,8 +114,12 @@ class PathOptions:
         raise ValueError(f'PathOptions.{name}: must be >= 0, got {getattr(self, name)}')
     if self.visible_w > 1:
       raise ValueError(f'PathOptions.visible_w: must be <= 1, got {self.visible_w}')
-    if self.force_c1_index is not None and self.force_c1_index == self.force_c2_index:
-      raise ValueError(f'PathOptions: force_c1_index and force_c2_index are both vertebra {self.force_c1_index}')
+    forced = [(name, i) for name in ('force_c1_index', 'force_c2_index', 'force_last_lumbar_index')
+              if (i := getattr(self, name)) is not None]
+    for k, (name, index) in enumerate(forced):
+      for other, other_index in forced[k + 1:]:
+        if index == other_index:
+          raise ValueError(f'PathOptions: {name} and {other} are both vertebra {index}')
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -258,7 +269,8 @@ def cost_matrix(predictions, options: PathOptions | None = None) -> tuple[np.nda
   costs (vertebrae x 24 or 26): per vertebra the weighted sum of the VERT (or, on the 26-class axis, the
   VERTEX/VERTEXACT), VERTEX folded, VERTGRP spread and REGION spread terms, summed to one, times `boost_c2`
   where C2 is its best class, times the visibility weight; forced rows are FORCED_LABEL_SCORE at C1/C2 and 0
-  elsewhere. Higher is preferred. relative_costs (vertebrae x 6): -vertrel_w x VERTREL (column-normalised).
+  elsewhere (a forced last lumbar row: its own score + FORCED_LABEL_SCORE at L5, and L6 on the 26-class axis).
+  Higher is preferred. relative_costs (vertebrae x 6): -vertrel_w x VERTREL (column-normalised).
   t13_costs (vertebrae x 2): -vertt13_w x VERTT13 (its T13 column normalised to a sum of one). On the 24-class
   axis only a head named VERTEX adds the folded 26-class term, as in SPINEPS."""
   options = PathOptions() if options is None else options
@@ -270,7 +282,7 @@ def cost_matrix(predictions, options: PathOptions | None = None) -> tuple[np.nda
     exact = exact_head is not None and lc.VERT not in heads
   if exact and exact_head is None:
     raise HeadError(f'exact_classes needs a {" or ".join(lc.EXACT_HEADS)} head; heads: {", ".join(sorted(heads))}')
-  for name in ('force_c1_index', 'force_c2_index'):
+  for name in ('force_c1_index', 'force_c2_index', 'force_last_lumbar_index'):
     index = getattr(options, name)
     if index is not None and index >= n:
       raise ValueError(f'PathOptions.{name}: vertebra {index}, but there are {n} vertebrae')
@@ -315,6 +327,12 @@ def cost_matrix(predictions, options: PathOptions | None = None) -> tuple[np.nda
     if index is not None:
       costs[index, :] = 0.0
       costs[index, cls] = FORCED_LABEL_SCORE
+  if o.force_last_lumbar_index is not None:
+    row = costs[o.force_last_lumbar_index]
+    allowed = [L5_EXACT_CLASS, L6_EXACT_CLASS] if exact else [L5_CLASS]
+    kept = row[allowed] + FORCED_LABEL_SCORE
+    row[:] = 0.0
+    row[allowed] = kept
   return costs, np.multiply(-relative, o.vertrel_w), t13_costs, bool(exact)
 
 

@@ -8,6 +8,10 @@ instance it overlaps by more than 250 mm³ is pinned to C2 and the one above to 
 SPINEPS: an instance the network saw no patch of is deleted, except the topmost, which becomes C1 when the path
 named C2 and no C1. `relabel` then carries the names to the discs (100 + X) and endplates (200 + X).
 
+One rule of ours, off for SPINEPS' models (`inference.sacrum_anchor`): the lowest vertebra, when it (with its disc
+and endplates) lies within SACRUM_CONTACT_MM of the semantic mask's sacrum, is the last lumbar vertebra (L5, or
+L6), as a radiologist counts from the sacrum. SPINEPS pins only C2 by the dens.
+
 A labelling bundle's config says how: `data` (patch size, zoom, crop margin, corpus masking, rotation: the
 training sampler's fields), `model.heads`, and `inference` (`default_inference_config`: the path's weights and
 switches, the batch size).
@@ -19,6 +23,7 @@ from typing import Callable
 
 import ml_collections
 import numpy as np
+from scipy import ndimage
 
 from spine_jax.data import labeling_patches as lp
 from spine_jax.data import level_classes
@@ -26,19 +31,23 @@ from spine_jax.data import levels as levels_lib
 from spine_jax.data import nifti
 from spine_jax.data import spatial
 from spine_jax.data import spineps_preprocess
-from spine_jax.data.spine_labels import DISC_OFFSET, ENDPLATE_OFFSET
+from spine_jax.data.spine_labels import DISC_OFFSET, ENDPLATE_OFFSET, SACRUM
 from spine_jax.inference.phase3 import level_path
 
 NETWORK_METHOD = 'labelling network and level path'
 C1_ID = levels_lib.level_to_label('C1', 'spineps')
 C2_ID = levels_lib.level_to_label('C2', 'spineps')
+# A vertebra rests on the sacrum when it, its disc or its endplates come this close to the sacrum (voxel centres):
+# the L5/S1 disc touches the sacrum; the vertebra above L5 stays a whole body height (> 20 mm) away.
+SACRUM_CONTACT_MM = 8.0
 
 
 def default_inference_config() -> ml_collections.ConfigDict:
   """`level_path.PathOptions`' fields with their defaults (SPINEPS' `find_vert_path_from_predictions`), but the
-  forced indices (per scan), and the number of patches per network call."""
+  forced indices (per scan), the number of patches per network call, and the sacrum anchor (ours; off as in
+  SPINEPS)."""
   fields = {f.name: f.default for f in dataclasses.fields(level_path.PathOptions) if not f.name.startswith('force_')}
-  return ml_collections.ConfigDict({**fields, 'batch_size': 8})
+  return ml_collections.ConfigDict({**fields, 'batch_size': 8, 'sacrum_anchor': False})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +62,7 @@ class NamingSpec:
   rotate: bool
   batch_size: int
   options: level_path.PathOptions
+  sacrum_anchor: bool = False
 
 
 def spec_of(config) -> NamingSpec:
@@ -71,7 +81,8 @@ def spec_of(config) -> NamingSpec:
                     patch_size=lp.check_size(data.patch_size, 'data.patch_size'),
                     zoom=tuple(float(z) for z in data.zoom), zoom_range=zoom_range, crop_margin_mm=float(data.crop_margin_mm),
                     corpus_masked=bool(data.get('corpus_masked', True)), rotate=bool(data.get('rotate', False)),
-                    batch_size=batch_size, options=options)
+                    batch_size=batch_size, options=options,
+                    sacrum_anchor=bool(inference.get('sacrum_anchor', False)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +111,23 @@ def patch_zoom(spec: NamingSpec, affine: np.ndarray) -> tuple[float, ...]:
   scan = spatial.tptbox_zoom(nifti.spacing_from_affine(pir_affine))
   low, high = spec.zoom_range
   return tuple(float(max(min(s, hi), lo)) for s, lo, hi in zip(scan, low, high))
+
+
+def rests_on_sacrum(instances: np.ndarray, semantic: np.ndarray, affine: np.ndarray, vertebra: int) -> bool:
+  """Whether instance `vertebra`, its disc (100 + X) or its endplates (200 + X) come within SACRUM_CONTACT_MM of
+  the semantic mask's sacrum."""
+  own = np.isin(instances, (vertebra, DISC_OFFSET + vertebra, ENDPLATE_OFFSET + vertebra))
+  if not own.any():
+    return False
+  spacing = np.asarray(nifti.spacing_from_affine(affine), float)
+  reach = np.ceil(SACRUM_CONTACT_MM / spacing).astype(int)
+  where = np.nonzero(own)
+  box = tuple(slice(max(int(w.min()) - r, 0), int(w.max()) + r + 1) for w, r in zip(where, reach))
+  sacrum = np.asarray(semantic)[box] == SACRUM
+  if not sacrum.any():
+    return False
+  distance = ndimage.distance_transform_edt(~sacrum, sampling=spacing)
+  return bool(distance[own[box]].min() <= SACRUM_CONTACT_MM)
 
 
 def _batched(predict_fn: Callable, patches: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:
@@ -144,6 +172,11 @@ def name_vertebrae(image: np.ndarray, affine: np.ndarray, instances: np.ndarray,
     if force_c2 is not None:
       options = dataclasses.replace(options, force_c1_index=force_c1, force_c2_index=force_c2)
       messages.append(f'instance {ids[force_c2]} holds the dens: C2')
+    last = len(ids) - 1
+    if (spec.sacrum_anchor and last not in (options.force_c1_index, options.force_c2_index)
+        and rests_on_sacrum(instances, semantic, affine, ids[last])):
+      options = dataclasses.replace(options, force_last_lumbar_index=last)
+      messages.append(f'instance {ids[last]} rests on the sacrum: the last lumbar vertebra')
   predictions = _batched(predict_fn, patches.patches, spec.batch_size)
   try:
     path = level_path.solve(predictions, options)
