@@ -1,6 +1,9 @@
-"""Shared by the benchmark scripts: the median wall time of repeated calls."""
+"""Shared by the benchmark scripts: median wall times, and pairs of calls timed alternately."""
+from __future__ import annotations
+
 import statistics
 import time
+from typing import Callable, Mapping
 
 
 def median_time(fn, repeats: int, warmup: bool = False) -> float:
@@ -13,3 +16,24 @@ def median_time(fn, repeats: int, warmup: bool = False) -> float:
     fn()
     times.append(time.perf_counter() - t)
   return statistics.median(times)
+
+
+def alternate(calls: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+  """Seconds of each call, `warmup` untimed rounds first, then `repeats` rounds in which every call runs once
+  in turn: both sides see the same machine load (another job on a shared machine slows both, not one)."""
+  for _ in range(warmup):
+    for fn in calls.values():
+      fn()
+  times: dict[str, list[float]] = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, fn in calls.items():
+      t = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t)
+  return times
+
+
+def summary(times: list[float]) -> dict:
+  """Median and spread (min, max) of timed calls, in seconds."""
+  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times),
+          "times_s": list(times)}

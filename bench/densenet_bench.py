@@ -62,6 +62,72 @@ def bench_jax(batch, size, repeats):
   return {"forward_s": fwd, "train_step_s": step, "compile_forward_s": compile_fwd, "compile_train_step_s": compile_train}
 
 
+class TorchMultitask:
+  """Builds MONAI's DenseNet with our trunk's preset and our multi-task heads (per head Linear-ReLU-Linear on
+  the pooled features; one logit for a binary head): the PyTorch peer of `multitask.build_model`."""
+
+  @staticmethod
+  def build(trunk: dict, heads: dict[str, int], hidden: int, in_channels: int = 1):
+    import torch
+    from monai.networks.nets import DenseNet
+
+    class Net(torch.nn.Module):
+      def __init__(self):
+        super().__init__()
+        net = DenseNet(spatial_dims=2, in_channels=in_channels, out_channels=1, init_features=trunk["num_init_features"],
+                       growth_rate=trunk["growth_rate"], block_config=tuple(trunk["block_config"]),
+                       bn_size=trunk["bn_size"])
+        self.features = net.features
+        width = net.class_layers.out.in_features
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Sequential(
+            torch.nn.Linear(width, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, n)) for name, n in heads.items()})
+
+      def forward(self, x):
+        f = torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.features(x)), 1).flatten(1)
+        return {name: head(f) for name, head in self.heads.items()}
+    return Net()
+
+
+def torch_multitask_calls(trunk, heads, hidden, batch, size, in_channels=1, device="cpu", autocast=False,
+                          compile_model=False):
+  """{'forward', 'train_step'} no-argument callables of the multi-task peer (AdamW, the heads' cross-entropies
+  summed; a binary head with BCE), waiting for the device."""
+  import contextlib
+  import torch
+  torch.manual_seed(0)
+  net = TorchMultitask.build(trunk, heads, hidden, in_channels).to(device)
+  run = torch.compile(net) if compile_model else net
+  x = torch.randn(batch, in_channels, *size, device=device)
+  y = {name: torch.arange(batch, device=device) % max(n, 2) for name, n in heads.items()}
+  opt = torch.optim.AdamW(net.parameters(), 1e-4)
+  amp = (lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+  def loss_of(out):
+    total = 0.0
+    for name, logits in out.items():
+      logits = logits.float()
+      total = total + (torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y[name].float())
+                       if logits.shape[1] == 1 else torch.nn.functional.cross_entropy(logits, y[name]))
+    return total
+
+  def forward():
+    net.eval()
+    with torch.no_grad(), amp():
+      run(x)
+    sync()
+
+  def train_step():
+    net.train()
+    opt.zero_grad()
+    with amp():
+      loss = loss_of(run(x))
+    loss.backward()
+    opt.step()
+    sync()
+  return {"forward": forward, "train_step": train_step}
+
+
 def bench_torch(batch, size, repeats):
   import torch
   from monai.networks.nets import DenseNet121

@@ -81,40 +81,62 @@ def bench_jax(model_cfg, patch, batch, repeats):
           "compile_train_step_s": compile_train}
 
 
-def bench_torch(model_cfg, patch, batch, repeats):
+def torch_unet(model_cfg):
+  """dynamic_network_architectures' PlainConvUNet with the plan of `model_cfg` (deep supervision on)."""
   import torch
   from dynamic_network_architectures.architectures.unet import PlainConvUNet
-  torch.manual_seed(0)
-  n = model_cfg.n_stages
-  net = PlainConvUNet(
-      model_cfg.in_channels, n, list(model_cfg.features_per_stage), torch.nn.Conv3d,
+  return PlainConvUNet(
+      model_cfg.in_channels, model_cfg.n_stages, list(model_cfg.features_per_stage), torch.nn.Conv3d,
       [list(k) for k in model_cfg.kernel_sizes], [list(s) for s in model_cfg.strides],
       list(model_cfg.n_conv_per_stage), model_cfg.num_classes, list(model_cfg.n_conv_per_stage_decoder),
       conv_bias=True, norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
       nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"negative_slope": 0.01, "inplace": True},
       deep_supervision=True)
-  # Channels-first, and PyTorch's (D, H, W) = our three spatial axes in order.
-  x = torch.randn(batch, model_cfg.in_channels, *patch)
-  y = torch.randint(0, model_cfg.num_classes, (batch, *patch))
-  opt = torch.optim.SGD(net.parameters(), 1e-2, momentum=0.99, nesterov=True)
-  net.eval()
-  with torch.no_grad():
-    net(x)
-    fwd = median_time(lambda: net(x), repeats)
-  net.train()
 
-  def one_step():
+
+def torch_calls(model_cfg, patch, batch, device="cpu", autocast=False, compile_model=False):
+  """{'forward': eval forward, 'train_step': one SGD step with CE over the deep-supervision outputs} of the
+  PyTorch peer, each a no-argument callable that waits for the device; `autocast`: bf16 mixed precision
+  (torch.autocast), `compile_model`: torch.compile as nnU-Net does."""
+  import contextlib
+  import torch
+  torch.manual_seed(0)
+  net = torch_unet(model_cfg).to(device)
+  run = torch.compile(net) if compile_model else net
+  # Channels-first, and PyTorch's (D, H, W) = our three spatial axes in order.
+  x = torch.randn(batch, model_cfg.in_channels, *patch, device=device)
+  y = torch.randint(0, model_cfg.num_classes, (batch, *patch), device=device)
+  opt = torch.optim.SGD(net.parameters(), 1e-2, momentum=0.99, nesterov=True)
+  amp = (lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+  def forward():
+    net.eval()
+    with torch.no_grad(), amp():
+      run(x)
+    sync()
+
+  def train_step():
+    net.train()
     opt.zero_grad()
-    outs = net(x)
-    loss = 0.0
-    for out in outs:
-      f = [a // b for a, b in zip(patch, out.shape[2:])]
-      loss = loss + torch.nn.functional.cross_entropy(out, y[:, ::f[0], ::f[1], ::f[2]])
+    with amp():
+      outs = run(x)
+      loss = 0.0
+      for out in outs:
+        f = [a // b for a, b in zip(patch, out.shape[2:])]
+        loss = loss + torch.nn.functional.cross_entropy(out.float(), y[:, ::f[0], ::f[1], ::f[2]])
     loss.backward()
     opt.step()
-  one_step()
-  step = median_time(one_step, repeats)
-  return {"forward_s": fwd, "train_step_s": step, "torch_threads": torch.get_num_threads()}
+    sync()
+  return {"forward": forward, "train_step": train_step}
+
+
+def bench_torch(model_cfg, patch, batch, repeats):
+  import torch
+  calls = torch_calls(model_cfg, patch, batch)
+  return {"forward_s": median_time(calls["forward"], repeats, warmup=True),
+          "train_step_s": median_time(calls["train_step"], repeats, warmup=True),
+          "torch_threads": torch.get_num_threads()}
 
 
 def main():

@@ -9,6 +9,7 @@ Variants (after the colon, combined with commas):
   'nnunet'  nnU-Net 3d_fullres scale: 6 stages 32..320, SGD Nesterov 0.99 with poly decay, 1000 epochs'
             worth of steps; for GPUs/TPUs.
   'bf16'    bfloat16 compute (parameters stay float32).
+  'gpu'     one 80 GB accelerator: the 'nnunet' plan and patch (128 x 192 x 64), bf16, batch 16.
   'smoke'   a tiny U-Net, tiny volumes and a few steps, for tests and launch checks.
 """
 import ml_collections
@@ -21,7 +22,7 @@ from spine_jax.models import unet
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  variants = parse_variants(arg, ("nnunet", "bf16", "smoke"), "configs/semantic.py")
+  variants = parse_variants(arg, ("nnunet", "bf16", "gpu", "smoke"), "configs/semantic.py")
 
   c = ml_collections.ConfigDict()
   c.task = "semantic"
@@ -71,7 +72,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.checkpoint_every = 250
   c.keep_checkpoints = 2
 
-  if "nnunet" in variants:
+  if "nnunet" in variants or "gpu" in variants:
     c.model = unet.default_unet_config()
     c.data.preprocess.spacing = spatial.REFERENCE_SPACING
     c.model.strides = ((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 1))
@@ -85,8 +86,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optimizer.update(name="sgd", learning_rate=1e-2, weight_decay=3e-5, warmup_steps=0, schedule="poly")
     c.log_every = 250
     c.checkpoint_every = 5000
-  if "bf16" in variants:
+  if "bf16" in variants or "gpu" in variants:
     c.model.dtype = "bfloat16"
+  if "gpu" in variants:
+    # Training activations in bf16 of the 6-stage 32..320 plan: at full resolution each of the 4 convolution
+    # blocks (2 encoder, 2 decoder) keeps conv, norm and activation outputs of 32 channels and the decoder its
+    # 64-channel concatenation, ~0.9 KB per voxel; each lower stage adds a quarter of that (8x fewer voxels, 2x the
+    # channels): ~1.3 KB/voxel, ~2 GB per 128 x 192 x 64 sample. Batch 16: ~33 GB, half the device for XLA's
+    # temporaries, the float32 loss over the deep-supervision outputs and the parameters' optimiser state.
+    c.batch_size = 16
   if "smoke" in variants:
     c.model = unet.tiny_unet_config()
     c.data.patch.patch_size = (32, 64, 32)

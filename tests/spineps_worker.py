@@ -777,6 +777,70 @@ def labeling_logits(x: np.ndarray, folders: list[str], zoom: list[float]) -> dic
   return out
 
 
+def nnunet_predict_timed(data: np.ndarray, folder: str, repeats: int = 1, use_mirroring: bool = True,
+                         step_size: float = 0.5) -> dict[str, np.ndarray]:
+  """nnU-Net v2's own `nnUNetPredictor` (nnunetv2.inference.predict_from_raw_data, on the CPU) loaded from an
+  nnU-Net results folder, then `predict_logits_from_preprocessed_data(data)` timed `repeats` times after one
+  untimed call (bench/run_all.py's peer of our sliding window). `data` is (1, X, Y, Z) in nnU-Net's axis order.
+
+  Returns seconds (repeats,), load_s and the last logits' shape."""
+  import time
+
+  import torch
+  from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+  start = time.perf_counter()
+  predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                              perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                              verbose_preprocessing=False, allow_tqdm=False)
+  predictor.initialize_from_trained_model_folder(folder, use_folds=(0,), checkpoint_name="checkpoint_final.pth")
+  load = time.perf_counter() - start
+  x = torch.from_numpy(np.asarray(data, np.float32))
+  logits = predictor.predict_logits_from_preprocessed_data(x)
+  seconds = []
+  for _ in range(repeats):
+    begin = time.perf_counter()
+    logits = predictor.predict_logits_from_preprocessed_data(x)
+    seconds.append(time.perf_counter() - begin)
+  return {"seconds": np.asarray(seconds), "load_s": np.asarray(load), "shape": np.asarray(logits.shape),
+          "mirror_axes": np.asarray(predictor.allowed_mirroring_axes or (), np.int64)}
+
+
+def instance_phase_timed(semantic: np.ndarray, folder: str, zoom: list[float], repeats: int = 1,
+                         batch_size: int = 4) -> dict[str, np.ndarray]:
+  """SPINEPS' phase 2, `phase_instance.predict_instance_mask`, with the instance model of `folder` as SPINEPS
+  loads it (`get_actual_model(folder, use_cpu=True)`), on a P, I, R semantic mask of `zoom` mm, timed `repeats`
+  times after one untimed call (bench/run_all.py's peer of our instance phase).
+
+  Returns seconds (repeats,), load_s, errcode and instances (the last mask, absent where SPINEPS gives None)."""
+  import time
+
+  from spineps import phase_instance
+  from spineps.get_models import get_actual_model
+  from spineps.seg_pipeline import NoOpDebugSink
+  from TPTBox import NII
+
+  start = time.perf_counter()
+  model = get_actual_model(folder, use_cpu=True).load()
+  load = time.perf_counter() - start
+  p, i, r = (float(z) for z in zoom)
+  affine = np.array([[0, 0, r, 0], [-p, 0, 0, 0], [0, -i, 0, 0], [0, 0, 0, 1]], np.float64)  # P, I, R in RAS+
+
+  def once():
+    return phase_instance.predict_instance_mask(NII.from_numpy(np.asarray(semantic), affine, seg=True), model,
+                                                debug_data=NoOpDebugSink(), proc_inst_batch_size=batch_size,
+                                                proc_detect_and_solve_merged_corpi=True)
+  vert, errcode = once()
+  seconds = []
+  for _ in range(repeats):
+    begin = time.perf_counter()
+    vert, errcode = once()
+    seconds.append(time.perf_counter() - begin)
+  out = {"seconds": np.asarray(seconds), "load_s": np.asarray(load), "errcode": np.asarray(str(errcode))}
+  if vert is not None:
+    out["instances"] = vert.get_seg_array()
+  return out
+
+
 # --- The harness. ---------------------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@ import jax
 import pytest
 
 from configs import bone_quality
+from configs import instance
 from configs import labeling
 from configs import semantic
 from spine_jax.engine import state as state_lib
@@ -22,6 +23,18 @@ def test_variant_builds_and_initialises(module, variant):
   assert state_lib.count_params(shapes["params"]) > 0
   assert config.batch_size > 0 and config.num_train_steps > 0
   tx.init(shapes["params"])  # the optimiser accepts the parameter tree
+
+
+@pytest.mark.parametrize("module", [bone_quality, semantic, instance, labeling], ids=lambda m: m.__name__)
+def test_gpu_variant_builds_in_bf16_at_accelerator_scale(module):
+  """':gpu' (bench/accelerator.py's configs): bf16 compute, a larger batch than the CPU default, and its model
+  initialises."""
+  config = module.get_config("gpu")
+  assert config.model.dtype == "bfloat16"
+  assert config.batch_size > module.get_config("").batch_size
+  task = tasks.get_task(config)
+  shapes = jax.eval_shape(lambda: task.model.init(jax.random.key(0), jax.numpy.zeros(task.init_shape), train=False))
+  assert state_lib.count_params(shapes["params"]) > 0
 
 
 def test_unknown_variant_is_refused():
