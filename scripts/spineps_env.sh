@@ -5,10 +5,11 @@
 #
 # A virtualenv of its own: antspyx 0.6.3 (which SPINEPS pins) needs numpy < 2.4 and scipy < 1.16, the
 # project does not. Every package is pinned exactly and installed with --no-deps in one pip call, so
-# nothing is resolved here. Left out on purpose (`pip check` names exactly these seven): timm (via
+# nothing is resolved here. Left out on purpose (`pip check` names exactly these six): timm (via
 # dynamic-network-architectures; it pulls torchvision and a CUDA torch), the `pathlib` backport that
 # TypeSaveArgParse names (it breaks Python 3), and what the code paths used never import (nnunetv2's
-# graphviz, seaborn, imagecodecs, yacs; batchgenerators' unittest2). Once created, the environment needs
+# graphviz, imagecodecs, yacs; batchgenerators' unittest2). seaborn is in: nnunetv2's `nnUNetPredictor`
+# imports it through its training logger, and bench/run_all.py times that predictor. Once created, the environment needs
 # no network: models come from local folders (SPINEPS_SEGMENTOR_MODELS or -ms/-mi/-ml PATH, `--no-crop`).
 # Idempotent: when DIR/bin/python imports spineps, TPTBox, ants and nnunetv2 and holds every pinned
 # version below, it exits 0 at once; otherwise it recreates DIR.
@@ -37,7 +38,7 @@ PACKAGES=(
   blosc2==4.15.0 msgpack==1.2.4 ndindex==1.10.1 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0
   typing-inspection==0.4.5 httpx==0.29.0 httpcore==1.0.9 h11==0.16.0 h2==4.4.1 hpack==4.2.0 hyperframe==6.1.0
   anyio==4.16.0 idna==3.21 certifi==2026.10.19.post1 requests==2.34.2 charset-normalizer==3.5.3 urllib3==2.8.0
-  ConfigArgParse==1.9.0 docstring_parser==0.18.0 ruamel.yaml==0.19.1
+  ConfigArgParse==1.9.0 docstring_parser==0.18.0 ruamel.yaml==0.19.1 seaborn==0.13.2
 )
 
 # Exit 0 when DIR imports the reference and holds exactly the pinned versions.
