@@ -12,6 +12,7 @@ import os
 import time
 
 from _timing import median_time
+from _torch_calls import step_calls
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,16 +93,11 @@ def torch_multitask_calls(trunk, heads, hidden, batch, size, in_channels=1, devi
                           compile_model=False):
   """{'forward', 'train_step'} no-argument callables of the multi-task peer (AdamW, the heads' cross-entropies
   summed; a binary head with BCE), waiting for the device."""
-  import contextlib
   import torch
   torch.manual_seed(0)
   net = TorchMultitask.build(trunk, heads, hidden, in_channels).to(device)
-  run = torch.compile(net) if compile_model else net
   x = torch.randn(batch, in_channels, *size, device=device)
   y = {name: torch.arange(batch, device=device) % max(n, 2) for name, n in heads.items()}
-  opt = torch.optim.AdamW(net.parameters(), 1e-4)
-  amp = (lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
-  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
   def loss_of(out):
     total = 0.0
@@ -110,22 +106,7 @@ def torch_multitask_calls(trunk, heads, hidden, batch, size, in_channels=1, devi
       total = total + (torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y[name].float())
                        if logits.shape[1] == 1 else torch.nn.functional.cross_entropy(logits, y[name]))
     return total
-
-  def forward():
-    net.eval()
-    with torch.no_grad(), amp():
-      run(x)
-    sync()
-
-  def train_step():
-    net.train()
-    opt.zero_grad()
-    with amp():
-      loss = loss_of(run(x))
-    loss.backward()
-    opt.step()
-    sync()
-  return {"forward": forward, "train_step": train_step}
+  return step_calls(net, x, loss_of, torch.optim.AdamW(net.parameters(), 1e-4), device, autocast, compile_model)
 
 
 def bench_torch(batch, size, repeats):

@@ -17,6 +17,7 @@ import os
 import time
 
 from _timing import median_time
+from _torch_calls import step_calls
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,37 +99,21 @@ def torch_calls(model_cfg, patch, batch, device="cpu", autocast=False, compile_m
   """{'forward': eval forward, 'train_step': one SGD step with CE over the deep-supervision outputs} of the
   PyTorch peer, each a no-argument callable that waits for the device; `autocast`: bf16 mixed precision
   (torch.autocast), `compile_model`: torch.compile as nnU-Net does."""
-  import contextlib
   import torch
   torch.manual_seed(0)
   net = torch_unet(model_cfg).to(device)
-  run = torch.compile(net) if compile_model else net
   # Channels-first, and PyTorch's (D, H, W) = our three spatial axes in order.
   x = torch.randn(batch, model_cfg.in_channels, *patch, device=device)
   y = torch.randint(0, model_cfg.num_classes, (batch, *patch), device=device)
+
+  def loss_of(outs):
+    loss = 0.0
+    for out in outs:
+      f = [a // b for a, b in zip(patch, out.shape[2:])]
+      loss = loss + torch.nn.functional.cross_entropy(out.float(), y[:, ::f[0], ::f[1], ::f[2]])
+    return loss
   opt = torch.optim.SGD(net.parameters(), 1e-2, momentum=0.99, nesterov=True)
-  amp = (lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
-  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-  def forward():
-    net.eval()
-    with torch.no_grad(), amp():
-      run(x)
-    sync()
-
-  def train_step():
-    net.train()
-    opt.zero_grad()
-    with amp():
-      outs = run(x)
-      loss = 0.0
-      for out in outs:
-        f = [a // b for a, b in zip(patch, out.shape[2:])]
-        loss = loss + torch.nn.functional.cross_entropy(out.float(), y[:, ::f[0], ::f[1], ::f[2]])
-    loss.backward()
-    opt.step()
-    sync()
-  return {"forward": forward, "train_step": train_step}
+  return step_calls(net, x, loss_of, opt, device, autocast, compile_model)
 
 
 def bench_torch(model_cfg, patch, batch, repeats):

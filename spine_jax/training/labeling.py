@@ -29,11 +29,11 @@ from spine_jax.metrics.segmentation import finite_mean, format_score
 from spine_jax.training import steps
 
 C2_ID = levels_lib.level_to_label('C2', 'spineps')
-_T11, _T12, _L1 = (levels_lib.level_to_label(n, 'spineps') for n in ('T11', 'T12', 'L1'))
+_T11, _T12, _L1, _L6 = (levels_lib.level_to_label(n, 'spineps') for n in ('T11', 'T12', 'L1', 'L6'))
 # Transitional anatomy in a field, from the true ids of its scored vertebrae: a T13, an L6, or eleven
 # thoracic vertebrae (T11 followed by L1).
 TRANSITIONAL = {'T13': lambda ids: level_classes.T13_ID in ids,
-                'L6': lambda ids: levels_lib.level_to_label('L6', 'spineps') in ids,
+                'L6': lambda ids: _L6 in ids,
                 'eleven_thoracic': lambda ids: _T11 in ids and _L1 in ids and _T12 not in ids}
 
 
