@@ -1,14 +1,15 @@
 """One stride-1 3D convolution on CPU: XLA's 3D convolution, SlicedConv (2D convolutions), the FFT form,
-PyTorch's Conv3d.
+the fused tap sums, PyTorch's Conv3d.
 
   python bench/conv_bench.py [--shape=2,64,128,32] [--channels=16] [--in_channels=C] [--kernel=3] [--repeats=5]
   python bench/conv_bench.py --shape=4,72,80,16 --in_channels=10 --channels=8 --kernel=7 --impls=sliced,fft
   # (the instance network's first convolution)
+  python bench/conv_bench.py --channels=8 --impls=sliced,tapsum  # the U-Nets' first stage
 
 Forward, and backward (input and weight gradients), each the median wall time of --repeats after a
 warm-up, in one process; PyTorch's numbers need the torch extra. Prints one JSON line. This is why the
-U-Nets compute with `conv='auto'` (sums of 2D convolutions, FFTs for kernels of 5^3 taps or more) on CPU
-(models/conv.py).
+U-Nets compute with `conv='auto'` (sums of 2D convolutions, FFTs for kernels of 5^3 taps or more, fused
+tap sums for few channels) on CPU (models/conv.py).
 """
 import argparse
 import json
@@ -29,6 +30,8 @@ def bench_jax(impl, shape, in_channels, channels, kernel, repeats):
     f = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1, 1), pad, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
   elif impl == "fft":
     f = lambda x, w: conv_lib.fft_conv(x, w, pad)
+  elif impl == "tapsum":
+    f = lambda x, w: conv_lib.tap_sum_conv(x, w, pad)
   else:
     f = lambda x, w: conv_lib.sliced_conv(x, w, (1, 1, 1), pad)
   fwd = jax.jit(f)

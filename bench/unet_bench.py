@@ -132,6 +132,8 @@ def main():
   ap.add_argument("--no_torch", action="store_true", help="time spine_jax only")
   ap.add_argument("--features", default="", help="features per stage, e.g. 16,16,32,64,128 (default: the config's)")
   ap.add_argument("--patch", default="", help="patch sides P,I,R (default: the config's)")
+  ap.add_argument("--conv", default="", help="convolution form (models/conv.py: auto, xla, sliced, fft, tapsum; "
+                  "default: the config's)")
   a = ap.parse_args()
   model_cfg, patch = _model_and_patch(a.config)
   if a.features:
@@ -141,9 +143,11 @@ def main():
     model_cfg.features_per_stage = features
   if a.patch:
     patch = tuple(int(v) for v in a.patch.split(","))
+  if a.conv:
+    model_cfg.conv = a.conv
   ours = bench_jax(model_cfg, patch, a.batch, a.repeats)
   result = {"machine": f"{os.cpu_count()} CPUs, {jax.devices()[0].platform}", "config": a.config or "spec-peer",
-            "features": list(model_cfg.features_per_stage), "strides": [list(s) for s in model_cfg.strides],
+            "conv": model_cfg.get("conv", "auto"), "features": list(model_cfg.features_per_stage), "strides": [list(s) for s in model_cfg.strides],
             "patch": list(patch), "batch": a.batch, "spine_jax": ours}
   if not a.no_torch:
     peer = bench_torch(model_cfg, patch, a.batch, a.repeats)

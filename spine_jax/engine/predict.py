@@ -37,15 +37,23 @@ def segmentation_logits(state, images):
   return out[0] if isinstance(out, (list, tuple)) else out
 
 
+def weighted_segmentation_logits(state, images, weight):
+  """`segmentation_logits` times a per-voxel weight (X, Y, Z), in the same program: the sliding window's
+  importance map applied where the logits are made, not in a host pass over them."""
+  return segmentation_logits(state, images) * weight[None, ..., None].astype(jnp.float32)
+
+
 def instance_classes(state, cutout_classes):
   """Instance-network classes 0..3 (uint8) of cutouts given as input classes (N, X, Y, Z) uint8."""
   x = jax.nn.one_hot(cutout_classes, cutouts.INPUT_CLASSES, dtype=jnp.float32)
   return segmentation_logits(state, x).argmax(-1).astype(jnp.uint8)
 
 
-def sharded(forward: Callable, state, mesh) -> Callable[[np.ndarray], object]:
+def sharded(forward: Callable, state, mesh, fetch: bool = True) -> Callable[[np.ndarray], object]:
   """`batch (numpy) -> forward(state, batch)` on the host, the batch split over `mesh` and padded to a
-  multiple of its devices (the padding dropped from every output)."""
+  multiple of its devices (the padding dropped from every output). With `fetch` false, a batch the devices
+  split evenly comes back as device arrays at once, still being computed (`np.asarray` waits for them): the
+  caller's host work on the previous answer overlaps the device's on this one."""
   fn = jax.jit(forward, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)))
   n_dev = mesh.devices.size
 
@@ -54,8 +62,10 @@ def sharded(forward: Callable, state, mesh) -> Callable[[np.ndarray], object]:
     b = len(x)
     if b % n_dev:
       x = np.concatenate([x, np.zeros((n_dev - b % n_dev, *x.shape[1:]), x.dtype)])
-    out = jax.device_get(fn(state, mesh_lib.global_batch(x, mesh)))
-    return jax.tree.map(lambda v: np.asarray(v)[:b], out)
+    out = fn(state, mesh_lib.global_batch(x, mesh))
+    if not fetch and len(x) == b and jax.process_count() == 1:
+      return out
+    return jax.tree.map(lambda v: np.asarray(v)[:b], jax.device_get(out))
   return predict
 
 
@@ -65,8 +75,20 @@ def classifier_predict_fn(state, mesh):
 
 
 def semantic_logits_fn(state, mesh):
-  """Patches (B, X, Y, Z, C) -> full-resolution logits (numpy)."""
-  return sharded(segmentation_logits, state, mesh)
+  """Patches (B, X, Y, Z, C) -> full-resolution logits (device arrays, still being computed, when the batch
+  needs no padding; `np.asarray` them). Its `.weighted(patches, weight)` returns the logits times `weight`
+  (X, Y, Z), computed with them (compiled on first use)."""
+  predict = sharded(segmentation_logits, state, mesh, fetch=False)
+  weighted = {}
+
+  def weighted_predict(x, weight):
+    weight = np.asarray(weight, np.float32)
+    if 'fn' not in weighted or weighted['weight'].shape != weight.shape or not np.array_equal(weighted['weight'], weight):
+      weighted.update(weight=weight, fn=sharded(
+          lambda state, images: weighted_segmentation_logits(state, images, weight), state, mesh, fetch=False))
+    return weighted['fn'](x)
+  predict.weighted = weighted_predict
+  return predict
 
 
 def instance_predict_fn(state, mesh):

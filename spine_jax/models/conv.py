@@ -13,7 +13,16 @@ Large stride-1 kernels (at least FFT_MIN_TAPS taps, e.g. SPINEPS' 7 x 7 x 7 firs
 instance network) cost 343 multiply-adds per voxel and channel pair as a sum of 2D convolutions; through
 FFTs (``fft_conv``) their cost no longer grows with the kernel: 0.19 s against 0.39 s for that layer on
 4 cutouts of 72 x 80 x 16 voxels (BUILD_NOTES.md, "Convolution on CPU"). 'fft' is 'sliced' with that
-rule; 'auto' picks it on CPU.
+rule.
+
+Few channels (the first stages of both U-Nets: 1, 8 or 16 in, 8 out) leave XLA's 2D convolution far from the
+machine's peak. Written out as a sum over taps and input channels of shifted input slices times kernel rows,
+an 8-in, 8-out block of a 3^3 kernel is one XLA loop fusion that runs near the matrix-multiply peak
+(``tap_sum_conv``; BUILD_NOTES.md, "Convolution on CPU", has the figures). Wider layers go 8 channels at a
+time (a scan over input groups: one fusion of more terms is several times slower), inside a loop that keeps
+XLA from fusing the sum into its consumers; the input gradient is the same sum with the flipped kernel, the
+weight gradient the 2D sums'. 1x1x1 kernels become a channel contraction (a matrix multiply). 'tapsum' is
+'fft' with both rules; 'auto' picks it on CPU.
 """
 from __future__ import annotations
 
@@ -26,8 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CONV_IMPLS = ('xla', 'sliced', 'fft')
+CONV_IMPLS = ('xla', 'sliced', 'fft', 'tapsum')
 FFT_MIN_TAPS = 125  # 'fft': stride-1 3D kernels of at least 5 x 5 x 5 taps go through FFTs
+TAP_SUM_GROUP = 8  # channels per fused block of `tap_sum_conv`
+TAP_SUM_MAX_TAPS = 27  # 'tapsum': stride-1 kernels of at most 3 x 3 x 3 taps...
+TAP_SUM_MAX_IN, TAP_SUM_MAX_OUT = 16, 8  # ... with at most these channels go through `tap_sum_conv`
 
 
 class SlicedConv(nn.Module):
@@ -47,6 +59,7 @@ class SlicedConv(nn.Module):
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
   fft_min_taps: int = 0
+  tap_sum: bool = False  # small stride-1 layers through `tap_sum_conv`, 1x1x1 kernels as a contraction
 
   @nn.compact
   def __call__(self, x):
@@ -60,7 +73,12 @@ class SlicedConv(nn.Module):
                         self.param_dtype)
     dtype = self.dtype or x.dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if d == 3 and 0 < self.fft_min_taps <= math.prod(kernel_size) and all(st == 1 for st in strides):
+    stride_1 = all(st == 1 for st in strides)
+    if d == 3 and self.tap_sum and stride_1 and kernel_size == (1, 1, 1) and padding == ((0, 0),) * 3:
+      y = jnp.einsum('...c,co->...o', x, kernel[0, 0, 0])
+    elif d == 3 and self.tap_sum and stride_1 and takes_tap_sum(kernel_size, padding, x.shape[-1], self.features):
+      y = tap_sum_conv(x, kernel, padding)
+    elif d == 3 and 0 < self.fft_min_taps <= math.prod(kernel_size) and stride_1:
       y = fft_conv(x, kernel, padding)
     elif d == 3:
       y = sliced_conv(x, kernel, strides, padding)
@@ -132,31 +150,139 @@ def _correlation_spectrum(kernel, sides):
   return jax.lax.complex(real, imag)
 
 
+def takes_tap_sum(kernel_size, padding, in_channels: int, out_channels: int) -> bool:
+  """Whether 'tapsum' computes a stride-1 layer as `tap_sum_conv`: few taps and channels, padding within the
+  kernel (so that the input gradient is the same kind of sum)."""
+  return (math.prod(kernel_size) <= TAP_SUM_MAX_TAPS and in_channels <= TAP_SUM_MAX_IN
+          and out_channels <= TAP_SUM_MAX_OUT
+          and all(0 <= lo < k and 0 <= hi < k for (lo, hi), k in zip(padding, kernel_size)))
+
+
+def _chained_sum(terms, chains: int = 16):
+  """Sum of arrays as `chains` independent running sums, then pairwise: a single running sum of 216 terms
+  is one long dependency chain inside the fused loop (2.5x slower on 8 -> 8)."""
+  sums = [None] * chains
+  for i, t in enumerate(terms):
+    k = i % chains
+    sums[k] = t if sums[k] is None else jax.lax.add(sums[k], t)
+  sums = [t for t in sums if t is not None]
+  while len(sums) > 1:
+    sums = [jax.lax.add(sums[i], sums[i + 1]) if i + 1 < len(sums) else sums[i] for i in range(0, len(sums), 2)]
+  return sums[0]
+
+
+def _tap_block(xp, kernel, out):
+  """One block, every tap and input channel of `kernel` (kx, ky, kz, C, O) on the padded input: one fusion.
+  Written in few `lax` ops per term (a slice, two broadcasts, a product, a sum): JAX traces these terms on
+  every start, compilation cache or not, and jnp indexing made that take seconds per network."""
+  kx, ky, kz, channels, features = kernel.shape
+  shape = (xp.shape[0], *out, features)
+  rows = jax.lax.split(kernel.reshape(-1, features), [1] * (kx * ky * kz * channels))
+  terms = []
+  for a in range(kx):
+    for b in range(ky):
+      for c in range(kz):
+        for ch in range(channels):
+          column = jax.lax.slice(xp, (0, a, b, c, ch), (xp.shape[0], a + out[0], b + out[1], c + out[2], ch + 1))
+          row = rows[((a * ky + b) * kz + c) * channels + ch]
+          terms.append(jax.lax.mul(jax.lax.broadcast_in_dim(column, shape, (0, 1, 2, 3, 4)),
+                                   jax.lax.broadcast_in_dim(row, shape, (3, 4))))
+  return _chained_sum(terms)
+
+
+def _tap_sum(xp, kernel):
+  """Cross-correlation of a padded input with `kernel`, VALID, inside a loop: a loop's operands and results
+  are buffers. Without it XLA fuses the sum into each of its consumers (a norm's statistics and its
+  normalisation each recompute all of it: 3x slower in the instance network). The trip count is 1 for a finite
+  kernel and 2 for a NaN one (the body is idempotent), so that XLA cannot remove the loop as it removes
+  one-trip loops."""
+  trips = 1 + jnp.isnan(jax.lax.slice(kernel.reshape(-1), (0,), (1,))[0]).astype(jnp.int32)
+  out = tuple(n - k + 1 for n, k in zip(xp.shape[1:4], kernel.shape[:3]))
+  init = jnp.zeros((xp.shape[0], *out, kernel.shape[-1]), xp.dtype)
+  return jax.lax.fori_loop(0, trips, lambda _, y: _tap_sum_groups(xp, kernel), init)
+
+
+def _tap_sum_groups(xp, kernel):
+  """Cross-correlation of a padded input with `kernel`, VALID, TAP_SUM_GROUP channels at a time."""
+  out = tuple(n - k + 1 for n, k in zip(xp.shape[1:4], kernel.shape[:3]))
+  if min(out) < 1:
+    raise ValueError(f'tap_sum_conv: input sides {xp.shape[1:4]} (padded) too small for kernel {kernel.shape[:3]}')
+  cin, cout, g = kernel.shape[3], kernel.shape[4], TAP_SUM_GROUP
+
+  def per_output_group(k):
+    if cin <= g:
+      return _tap_block(xp, k, out)
+    n_in = -(-cin // g)
+    pad_c = n_in * g - cin
+    xs = jnp.pad(xp, ((0, 0),) * 4 + ((0, pad_c),)) if pad_c else xp
+    ks = jnp.pad(k, ((0, 0),) * 3 + ((0, pad_c), (0, 0))) if pad_c else k
+    xs = jnp.moveaxis(xs.reshape(*xs.shape[:4], n_in, g), 4, 0)
+    ks = jnp.moveaxis(ks.reshape(*ks.shape[:3], n_in, g, ks.shape[-1]), 3, 0)
+
+    def body(total, group):  # a loop: one fusion of every group's terms is several times slower
+      return total + _tap_block(*group, out), None
+    total, _ = jax.lax.scan(body, jnp.zeros((xp.shape[0], *out, k.shape[-1]), xp.dtype), (xs, ks))
+    return total
+  if cout <= g:
+    return per_output_group(kernel)
+  n_out = -(-cout // g)
+  ks = jnp.pad(kernel, ((0, 0),) * 4 + ((0, n_out * g - cout),))
+  ks = jnp.moveaxis(ks.reshape(*ks.shape[:4], n_out, g), 4, 0)
+  ys = jax.lax.map(per_output_group, ks)  # (n_out, B, X, Y, Z, g)
+  return jnp.moveaxis(ys, 0, -2).reshape(*ys.shape[1:-1], n_out * g)[..., :cout]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def tap_sum_conv(x, kernel, padding):
+  """(B, X, Y, Z, C) * (kx, ky, kz, C, O) -> (B, X', Y', Z', O), stride 1: PyTorch's cross-correlation as
+  fused sums of shifted input slices times kernel rows (module docstring). `padding` ((lo, hi) per axis,
+  each below the kernel's side)."""
+  return _tap_sum(jnp.pad(x, ((0, 0), *padding, (0, 0))), kernel)
+
+
+def _tap_sum_fwd(x, kernel, padding):
+  return tap_sum_conv(x, kernel, padding), (x, kernel)
+
+
+def _tap_sum_bwd(padding, residuals, dy):
+  x, kernel = residuals
+  # Input gradient: dy padded by (k - 1 - lo, k - 1 - hi), correlated with the flipped kernel, in and out swapped.
+  back = tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, kernel.shape[:3]))
+  flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], 3, 4)
+  dx = _tap_sum(jnp.pad(dy, ((0, 0), *back, (0, 0))), flipped.astype(dy.dtype)).astype(x.dtype)
+  _, weight_vjp = jax.vjp(lambda k: sliced_conv(x, k, (1, 1, 1), padding), kernel)
+  return dx, weight_vjp(dy)[0]
+
+
+tap_sum_conv.defvjp(_tap_sum_fwd, _tap_sum_bwd)
+
+
 def _dimension_numbers(d):
   spatial = 'DHW'[-d:] if d <= 3 else None
   return (f'N{spatial}C', f'{spatial}IO', f'N{spatial}C')
 
 
 def make_conv(impl: str) -> Callable[..., nn.Module]:
-  """Conv factory with ``nn.Conv``'s signature: 'xla' (``nn.Conv``), 'sliced', 'fft' or 'auto'."""
+  """Conv factory with ``nn.Conv``'s signature: 'xla' (``nn.Conv``), 'sliced', 'fft', 'tapsum' or 'auto'."""
   impl = resolve_conv_impl(impl)
   if impl == 'xla':
     return nn.Conv
-  return functools.partial(SlicedConv, fft_min_taps=FFT_MIN_TAPS) if impl == 'fft' else SlicedConv
+  if impl == 'sliced':
+    return SlicedConv
+  return functools.partial(SlicedConv, fft_min_taps=FFT_MIN_TAPS, tap_sum=impl == 'tapsum')
 
 
 def is_sliced(impl: str) -> bool:
   """Whether a resolved implementation computes 3D convolutions as sums of 2D ones (transposed ones too)."""
-  return resolve_conv_impl(impl) in ('sliced', 'fft')
+  return resolve_conv_impl(impl) in ('sliced', 'fft', 'tapsum')
 
 
-def resolve_conv_impl(impl: str) -> str:
-  """'auto' -> 'fft' on CPU (sums of 2D convolutions, FFTs for large kernels: faster there); XLA's own
-  convolution on GPU/TPU (cuDNN...)."""
+def resolve_conv_impl(impl: str, tap_sum: bool = True) -> str:
+  """'auto' -> 'tapsum' on CPU (sums of 2D convolutions, FFTs for large kernels, fused tap sums for few
+  channels: faster there), or 'fft' with `tap_sum` false (a network called a few times per process, whose
+  tap sums' compilation costs more than they save); XLA's own convolution on GPU/TPU (cuDNN...)."""
   if impl == 'auto':
-    return 'fft' if jax.default_backend() == 'cpu' else 'xla'
+    return ('tapsum' if tap_sum else 'fft') if jax.default_backend() == 'cpu' else 'xla'
   if impl not in CONV_IMPLS:
     raise ValueError(f'unknown conv implementation {impl!r}; known: auto, {", ".join(CONV_IMPLS)}')
   return impl
-
-

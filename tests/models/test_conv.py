@@ -1,5 +1,5 @@
-"""SlicedConv (3D convolution as a sum of 2D ones, or through FFTs) computes what nn.Conv computes, gradients
-included."""
+"""SlicedConv (3D convolution as a sum of 2D ones, through FFTs, or as fused tap sums) computes what nn.Conv
+computes, gradients included."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,14 +23,27 @@ FFT_CASES = [c for c in CASES if c[1] == (1, 1, 1)] + [
 ]
 
 
-@pytest.mark.parametrize("kernel,strides,padding,spatial,fft",
-                         [(*c, False) for c in CASES] + [(*c, True) for c in FFT_CASES])
-def test_sliced_conv_matches_nn_conv(kernel, strides, padding, spatial, fft):
-  x = jax.random.normal(jax.random.key(0), (2, *spatial, 3))
-  ref_mod = nn.Conv(4, kernel, strides=strides, padding=padding)
+TAP_SUM_CASES = [c for c in CASES if c[1] == (1, 1, 1)] + [
+    ((3, 1, 3), (1, 1, 1), ((1, 0), (0, 0), (2, 1)), (5, 4, 6)),  # uneven kernel and padding
+]
+
+
+@pytest.mark.parametrize("kernel,strides,padding,spatial,form,channels",
+                         [(*c, 'sliced', (3, 4)) for c in CASES] + [(*c, 'fft', (3, 4)) for c in FFT_CASES]
+                         + [(*c, 'tapsum', (3, 4)) for c in TAP_SUM_CASES]
+                         # several input groups (one short), several output groups: the scan and the map
+                         + [(*TAP_SUM_CASES[0], 'tapsum', (19, 8)), (*TAP_SUM_CASES[0], 'tapsum', (8, 12))])
+def test_sliced_conv_matches_nn_conv(kernel, strides, padding, spatial, form, channels, monkeypatch):
+  cin, cout = channels
+  if cin > conv_lib.TAP_SUM_MAX_IN or cout > conv_lib.TAP_SUM_MAX_OUT:
+    monkeypatch.setattr(conv_lib, 'TAP_SUM_MAX_IN', cin)
+    monkeypatch.setattr(conv_lib, 'TAP_SUM_MAX_OUT', cout)
+  x = jax.random.normal(jax.random.key(0), (2, *spatial, cin))
+  ref_mod = nn.Conv(cout, kernel, strides=strides, padding=padding)
   variables = ref_mod.init(jax.random.key(1), x)
   variables = jax.tree.map(lambda v: v + 0.1, variables)  # a non-zero bias too
-  ours = conv_lib.SlicedConv(4, kernel, strides=strides, padding=padding, fft_min_taps=1 if fft else 0)
+  ours = conv_lib.SlicedConv(cout, kernel, strides=strides, padding=padding, fft_min_taps=1 if form == 'fft' else 0,
+                             tap_sum=form == 'tapsum')
   assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(variables)
   ref, got = ref_mod.apply(variables, x), ours.apply(variables, x)
   assert got.shape == ref.shape
@@ -55,9 +68,12 @@ def test_sliced_conv_two_spatial_dims_falls_back_to_lax():
 def test_make_conv_and_bad_names():
   assert conv_lib.make_conv("xla") is nn.Conv
   assert conv_lib.make_conv("sliced") is conv_lib.SlicedConv
-  assert conv_lib.make_conv("fft").keywords == {"fft_min_taps": conv_lib.FFT_MIN_TAPS}
-  assert conv_lib.resolve_conv_impl("auto") == ("fft" if jax.default_backend() == "cpu" else "xla")
-  assert conv_lib.is_sliced("fft") and conv_lib.is_sliced("sliced") and not conv_lib.is_sliced("xla")
+  assert conv_lib.make_conv("fft").keywords == {"fft_min_taps": conv_lib.FFT_MIN_TAPS, "tap_sum": False}
+  assert conv_lib.make_conv("tapsum").keywords == {"fft_min_taps": conv_lib.FFT_MIN_TAPS, "tap_sum": True}
+  assert conv_lib.resolve_conv_impl("auto") == ("tapsum" if jax.default_backend() == "cpu" else "xla")
+  assert conv_lib.resolve_conv_impl("auto", tap_sum=False) == ("fft" if jax.default_backend() == "cpu" else "xla")
+  assert conv_lib.resolve_conv_impl("tapsum", tap_sum=False) == "tapsum"  # only 'auto' is a choice
+  assert all(conv_lib.is_sliced(impl) for impl in ("sliced", "fft", "tapsum")) and not conv_lib.is_sliced("xla")
   with pytest.raises(ValueError, match="unknown conv implementation 'cudnn'"):
     conv_lib.make_conv("cudnn")
 
@@ -81,3 +97,37 @@ def test_input_too_small_for_kernel_is_a_clear_error():
   x = jnp.zeros((1, 2, 8, 8, 1))
   with pytest.raises(ValueError, match="too small for kernel 7"):
     conv_lib.SlicedConv(2, (7, 3, 3), padding=((0, 0), (1, 1), (1, 1))).init(jax.random.key(0), x)
+
+
+def test_tap_sum_takes_only_small_stride_1_layers():
+  """'tapsum' sends a 3^3 stride-1 layer with few channels through tap sums (float32 rounding, not bit-equal to
+  the 2D sum), and a strided one, a wide one or one padded beyond its kernel through the 2D sum (bit-equal)."""
+  for kernel, strides, pad, cin, cout, taken in (((3, 3, 3), (1, 1, 1), 1, 8, 8, True),
+                                                 ((3, 3, 3), (2, 2, 2), 1, 8, 8, False),
+                                                 ((3, 3, 3), (1, 1, 1), 1, 8, 16, False),
+                                                 ((3, 3, 3), (1, 1, 1), 1, 32, 8, False),
+                                                 ((3, 3, 3), (1, 1, 1), 3, 2, 2, False)):
+    if strides == (1, 1, 1):  # the layer's rule (strides are SlicedConv's to check)
+      assert conv_lib.takes_tap_sum(kernel, ((pad, pad),) * 3, cin, cout) == taken
+    x = jax.random.normal(jax.random.key(0), (1, 6, 6, 6, cin))
+    padding = ((pad, pad),) * 3
+    tap = conv_lib.make_conv("tapsum")(cout, kernel, strides=strides, padding=padding)
+    sliced = conv_lib.SlicedConv(cout, kernel, strides=strides, padding=padding)
+    variables = sliced.init(jax.random.key(1), x)
+    a, b = np.asarray(tap.apply(variables, x)), np.asarray(sliced.apply(variables, x))
+    assert np.array_equal(a, b) != taken
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_tap_sum_odd_batch_and_side_matches_nn_conv():
+  """An odd batch goes through two overlapping slabs of the first axis (an odd side here): same values and
+  gradients as nn.Conv."""
+  x = jax.random.normal(jax.random.key(0), (3, 7, 5, 4, 8))
+  ref_mod = nn.Conv(8, (3, 3, 3), padding=((1, 1),) * 3)
+  variables = ref_mod.init(jax.random.key(1), x)
+  ours = conv_lib.make_conv("tapsum")(8, (3, 3, 3), padding=((1, 1),) * 3)
+  np.testing.assert_allclose(ours.apply(variables, x), ref_mod.apply(variables, x), rtol=1e-5, atol=1e-5)
+  g_ref = jax.grad(lambda v, x: jnp.sum(jnp.sin(ref_mod.apply(v, x))), argnums=(0, 1))(variables, x)
+  g_got = jax.grad(lambda v, x: jnp.sum(jnp.sin(ours.apply(v, x))), argnums=(0, 1))(variables, x)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

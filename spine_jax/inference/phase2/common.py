@@ -44,7 +44,9 @@ def default_instance_config() -> ml_collections.ConfigDict:
   """Every setting of phase 2; voxel counts and distances are at the reference spacing."""
   cfg = ml_collections.ConfigDict()
   cfg.cutout_size = (248, 304, 64)  # P, I, R voxels (sides divisible by 8 for the network)
-  cfg.batch_size = 4
+  # Cutouts per network call, the last call padded: a scan has 2-8 cutouts, and on CPU a cutout costs the same
+  # at 2 as at 4 (BUILD_NOTES.md, "Convolution on CPU"), so 2 pads less and compiles a smaller program.
+  cfg.batch_size = 2
   # Centres.
   cfg.body_erosion = 2  # voxels (18-connected), so touching bodies come apart
   cfg.min_body_voxels = 100  # smaller eroded body components are noise
