@@ -246,12 +246,14 @@ def _tap_sum_fwd(x, kernel, padding):
 
 def _tap_sum_bwd(padding, residuals, dy):
   x, kernel = residuals
+  sliced_vjp = jax.vjp(lambda x, k: sliced_conv(x, k, (1, 1, 1), padding), x, kernel)[1]
+  if kernel.shape[3] > TAP_SUM_MAX_OUT:  # the input gradient would be a sum to several output groups: slower
+    return sliced_vjp(dy)
   # Input gradient: dy padded by (k - 1 - lo, k - 1 - hi), correlated with the flipped kernel, in and out swapped.
   back = tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, kernel.shape[:3]))
   flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], 3, 4)
   dx = _tap_sum(jnp.pad(dy, ((0, 0), *back, (0, 0))), flipped.astype(dy.dtype)).astype(x.dtype)
-  _, weight_vjp = jax.vjp(lambda k: sliced_conv(x, k, (1, 1, 1), padding), kernel)
-  return dx, weight_vjp(dy)[0]
+  return dx, sliced_vjp(dy)[1]
 
 
 tap_sum_conv.defvjp(_tap_sum_fwd, _tap_sum_bwd)

@@ -72,7 +72,7 @@ def default_instance_unet_config() -> ml_collections.ConfigDict:
   cfg.leaky_relu_slope = 0.01
   cfg.dtype = 'float32'  # compute dtype; parameters stay float32
   cfg.remat = False  # recompute each residual block in the backward pass (activation memory)
-  # 'auto': sums of 2D convolutions on CPU (several times faster there), XLA's 3D convolution
+  # 'auto': sums of 2D convolutions and FFTs on CPU (several times faster there), XLA's 3D convolution
   # elsewhere; the same parameters either way (models/conv.py).
   cfg.conv = 'auto'
   return cfg

@@ -79,8 +79,8 @@ def default_unet_config() -> ml_collections.ConfigDict:
   cfg.deep_supervision = True
   cfg.dtype = 'float32'  # compute dtype ('bfloat16' halves activation memory); params float32
   cfg.remat = False  # recompute each conv stack in the backward pass to save activation memory
-  # 'auto': sum of 2D convolutions on CPU (several times faster there), XLA's 3D conv elsewhere;
-  # same parameters either way (models/conv.py).
+  # 'auto': on CPU fused tap sums for few channels, sums of 2D convolutions otherwise (several times faster
+  # there); XLA's 3D conv elsewhere; same parameters either way (models/conv.py).
   cfg.conv = 'auto'
   return cfg
 
