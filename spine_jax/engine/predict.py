@@ -37,12 +37,6 @@ def segmentation_logits(state, images):
   return out[0] if isinstance(out, (list, tuple)) else out
 
 
-def weighted_segmentation_logits(state, images, weight):
-  """`segmentation_logits` times a per-voxel weight (X, Y, Z), in the same program: the sliding window's
-  importance map applied where the logits are made, not in a host pass over them."""
-  return segmentation_logits(state, images) * weight[None, ..., None].astype(jnp.float32)
-
-
 def instance_classes(state, cutout_classes):
   """Instance-network classes 0..3 (uint8) of cutouts given as input classes (N, X, Y, Z) uint8."""
   x = jax.nn.one_hot(cutout_classes, cutouts.INPUT_CLASSES, dtype=jnp.float32)
@@ -76,19 +70,8 @@ def classifier_predict_fn(state, mesh):
 
 def semantic_logits_fn(state, mesh):
   """Patches (B, X, Y, Z, C) -> full-resolution logits (device arrays, still being computed, when the batch
-  needs no padding; `np.asarray` them). Its `.weighted(patches, weight)` returns the logits times `weight`
-  (X, Y, Z), computed with them (compiled on first use)."""
-  predict = sharded(segmentation_logits, state, mesh, fetch=False)
-  weighted = {}
-
-  def weighted_predict(x, weight):
-    weight = np.asarray(weight, np.float32)
-    if 'fn' not in weighted or weighted['weight'].shape != weight.shape or not np.array_equal(weighted['weight'], weight):
-      weighted.update(weight=weight, fn=sharded(
-          lambda state, images: weighted_segmentation_logits(state, images, weight), state, mesh, fetch=False))
-    return weighted['fn'](x)
-  predict.weighted = weighted_predict
-  return predict
+  needs no padding; `np.asarray` them)."""
+  return sharded(segmentation_logits, state, mesh, fetch=False)
 
 
 def instance_predict_fn(state, mesh):

@@ -32,7 +32,7 @@ def predict_volume(logits_fn, image: np.ndarray, cfg, progress=None) -> np.ndarr
       step_size=cfg.inference.step_size, batch_size=cfg.inference.batch_size,
       use_gaussian=True, mirror_axes=tuple(cfg.inference.mirror_axes),
       mirror_channel_swaps=swaps, progress=progress,
-      mode=sliding_window.window_mode_of(cfg.inference), weighted_predict_fn=getattr(logits_fn, 'weighted', None))
+      mode=sliding_window.window_mode_of(cfg.inference))
   return probs.argmax(-1).astype(np.uint8)
 
 

@@ -137,7 +137,7 @@ def sliding_window_predict(predict_fn: Callable, image: np.ndarray, patch_size: 
                            step_size: float = 0.5, batch_size: int = 2, use_gaussian: bool = True,
                            mirror_axes: Sequence[int] = (), mirror_channel_swaps: Mapping[int, Sequence[int]] | None = None,
                            progress: Callable[[int, int], None] | None = None, pad_value: float = 0.0,
-                           mode: str = SPINE_JAX_MODE, weighted_predict_fn: Callable | None = None) -> np.ndarray:
+                           mode: str = SPINE_JAX_MODE) -> np.ndarray:
   """Stitched (X, Y, Z, num_classes) float32 predictions of `predict_fn` over `image` (X, Y, Z, C).
 
   `predict_fn(batch (B, px, py, pz, C)) -> (B, px, py, pz, num_classes)` (numpy or jax) is called
@@ -147,9 +147,6 @@ def sliding_window_predict(predict_fn: Callable, image: np.ndarray, patch_size: 
   channels applied after flipping axis a back: a flip along the left-right axis turns left structures
   into right ones, so a network trained with that mirroring (and the swap) predicts them swapped.
   `progress(done, total)` counts patches. `mode` 'spineps' weighs and sums as SPINEPS (module docstring).
-  `weighted_predict_fn(batch, weight)`, when given, returns predict_fn's answer times `weight` (the
-  importance map, (px, py, pz)) computed with it; it replaces predict_fn where nothing is flipped in the
-  'spine_jax' mode, and the host only adds (a pass over every window's logits less).
   """
   image = np.asarray(image, np.float32)
   patch_size = tuple(int(p) for p in patch_size)
@@ -168,24 +165,20 @@ def sliding_window_predict(predict_fn: Callable, image: np.ndarray, patch_size: 
     weight = spineps_importance_map(patch_size) if half else gaussian_importance_map(patch_size)
   flips = mirror_combinations(mirror_axes)
   swaps = _channel_swaps(mirror_channel_swaps, num_classes)
-  device_weighted = weighted_predict_fn is not None and len(flips) == 1 and not half
   accumulator = np.float16 if half else np.float32
   summed = np.zeros(padded.shape[:3] + (num_classes,), accumulator)
   weights = np.zeros(padded.shape[:3], accumulator)
   weight32 = weight.astype(np.float32)[..., None]
+  product = np.empty(patch_size + (num_classes,), np.float32)  # one window's weighted prediction, reused
 
   def windows(batch_starts):
     return tuple(tuple(slice(s, s + p) for s, p in zip(start, patch_size)) for start in batch_starts)
-
-  buffers = {}  # reused between batches: allocating (and page-faulting) 15 MB per batch shows in profiles
 
   def dispatch(batch_starts):
     batch = np.zeros((batch_size,) + patch_size + (padded.shape[-1],), np.float32)
     for i, window in enumerate(windows(batch_starts)):
       batch[i] = padded[window]
     # Spatial axis a of the patch is axis a + 1 of the batch.
-    if device_weighted:
-      return [((), weighted_predict_fn(batch, weight))]
     return [(combo, predict_fn(np.ascontiguousarray(np.flip(batch, [a + 1 for a in combo])) if combo else batch))
             for combo in flips]
 
@@ -200,12 +193,8 @@ def sliding_window_predict(predict_fn: Callable, image: np.ndarray, patch_size: 
       prediction = out if prediction is None else prediction + out
     if len(flips) > 1:
       prediction = prediction / np.float32(len(flips))
-    product = buffers.setdefault('product', np.empty(prediction.shape[1:], np.float32))
     for i, window in enumerate(windows(batch_starts)):
-      if device_weighted:
-        product = prediction[i]
-      else:
-        np.multiply(prediction[i], weight32, out=product)
+      np.multiply(prediction[i], weight32, out=product)
       target = summed[window]  # a view: float32 products, rounded into float16 sums in 'spineps'
       np.add(target, product, out=target, casting='unsafe')
       weights[window] += weight

@@ -196,17 +196,17 @@ def _tap_sum(xp, kernel):
   normalisation each recompute all of it: 3x slower in the instance network). The trip count is 1 for a finite
   kernel and 2 for a NaN one (the body is idempotent), so that XLA cannot remove the loop as it removes
   one-trip loops."""
-  trips = 1 + jnp.isnan(jax.lax.slice(kernel.reshape(-1), (0,), (1,))[0]).astype(jnp.int32)
-  out = tuple(n - k + 1 for n, k in zip(xp.shape[1:4], kernel.shape[:3]))
-  init = jnp.zeros((xp.shape[0], *out, kernel.shape[-1]), xp.dtype)
-  return jax.lax.fori_loop(0, trips, lambda _, y: _tap_sum_groups(xp, kernel), init)
-
-
-def _tap_sum_groups(xp, kernel):
-  """Cross-correlation of a padded input with `kernel`, VALID, TAP_SUM_GROUP channels at a time."""
   out = tuple(n - k + 1 for n, k in zip(xp.shape[1:4], kernel.shape[:3]))
   if min(out) < 1:
     raise ValueError(f'tap_sum_conv: input sides {xp.shape[1:4]} (padded) too small for kernel {kernel.shape[:3]}')
+  trips = 1 + jnp.isnan(jax.lax.slice(kernel.reshape(-1), (0,), (1,))[0]).astype(jnp.int32)
+  init = jnp.zeros((xp.shape[0], *out, kernel.shape[-1]), xp.dtype)
+  return jax.lax.fori_loop(0, trips, lambda _, y: _tap_sum_groups(xp, kernel, out), init)
+
+
+def _tap_sum_groups(xp, kernel, out):
+  """Cross-correlation of a padded input with `kernel`, VALID (output sides `out`), TAP_SUM_GROUP channels at
+  a time."""
   cin, cout, g = kernel.shape[3], kernel.shape[4], TAP_SUM_GROUP
 
   def per_output_group(k):

@@ -99,26 +99,6 @@ def test_gaussian_weighting_of_overlapping_windows():
   assert np.allclose(out[:, 0, 0, 0], num / den, rtol=1e-6)
 
 
-def test_weighted_predict_fn_gives_the_host_weighted_result():
-  """A predict function that returns its answer times the importance map (as the semantic network's does on
-  the device) gives the same stitched result, bit for bit; with mirroring it is not used."""
-  image = _image((45, 33, 18), seed=2)
-  fn = lambda b: np.concatenate([np.sin(b), b * b.mean(axis=(1, 2, 3), keepdims=True)], -1)  # window-dependent
-  used = []
-
-  def weighted(b, weight):
-    used.append(weight.shape)
-    return fn(b) * weight[None, ..., None]
-  plain = sw.sliding_window_predict(fn, image, (16, 16, 8), 2, batch_size=2)
-  assert np.array_equal(sw.sliding_window_predict(fn, image, (16, 16, 8), 2, batch_size=2,
-                                                  weighted_predict_fn=weighted), plain)
-  assert used and set(used) == {(16, 16, 8)}
-  used.clear()
-  sw.sliding_window_predict(fn, image, (16, 16, 8), 2, mirror_axes=(0,), weighted_predict_fn=weighted)
-  sw.sliding_window_predict(fn, image, (16, 16, 8), 2, mode=sw.SPINEPS_MODE, weighted_predict_fn=weighted)
-  assert not used
-
-
 def test_mirroring_averages_all_flip_combinations():
   image = _image((40, 36, 12), seed=2)
   calls = []
