@@ -21,8 +21,9 @@ an 8-in, 8-out block of a 3^3 kernel is one XLA loop fusion that runs near the m
 (``tap_sum_conv``; BUILD_NOTES.md, "Convolution on CPU", has the figures). Wider layers go 8 channels at a
 time (a scan over input groups: one fusion of more terms is several times slower), inside a loop that keeps
 XLA from fusing the sum into its consumers; the input gradient is the same sum with the flipped kernel, the
-weight gradient the 2D sums'. 1x1x1 kernels become a channel contraction (a matrix multiply). 'tapsum' is
-'fft' with both rules; 'auto' picks it on CPU.
+weight gradient the 2D sums'. 1x1x1 kernels become a channel contraction (a matrix multiply), and so do 2D
+1x1 kernels: XLA's CPU weight gradient of a 2D 1x1 convolution was 4-5x slower than the product's (the
+DenseNets' bottlenecks and transitions). 'tapsum' is 'fft' with these rules; 'auto' picks it on CPU.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ class SlicedConv(nn.Module):
   """A 3D convolution as a sum of 2D convolutions over the last two spatial axes.
 
   Takes the arguments of ``nn.Conv`` that the networks use; ``padding`` is explicit
-  ((lo, hi) per spatial axis) or 'VALID'. Other than 3 spatial axes, falls back to ``nn.Conv``.
+  ((lo, hi) per spatial axis) or 'VALID'. Other than 3 spatial axes, falls back to XLA's convolution (1x1
+  kernels with ``tap_sum``: a contraction).
   With ``fft_min_taps`` > 0, stride-1 kernels of at least that many taps go through ``fft_conv``.
   """
   features: int
@@ -59,7 +61,7 @@ class SlicedConv(nn.Module):
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
   fft_min_taps: int = 0
-  tap_sum: bool = False  # small stride-1 layers through `tap_sum_conv`, 1x1x1 kernels as a contraction
+  tap_sum: bool = False  # small stride-1 layers through `tap_sum_conv`, 1x1(x1) kernels as a contraction
 
   @nn.compact
   def __call__(self, x):
@@ -74,8 +76,8 @@ class SlicedConv(nn.Module):
     dtype = self.dtype or x.dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     stride_1 = all(st == 1 for st in strides)
-    if d == 3 and self.tap_sum and stride_1 and kernel_size == (1, 1, 1) and padding == ((0, 0),) * 3:
-      y = jnp.einsum('...c,co->...o', x, kernel[0, 0, 0])
+    if self.tap_sum and stride_1 and math.prod(kernel_size) == 1 and padding == ((0, 0),) * d:
+      y = jnp.einsum('...c,co->...o', x, kernel.reshape(kernel.shape[-2:]))
     elif d == 3 and self.tap_sum and stride_1 and takes_tap_sum(kernel_size, padding, x.shape[-1], self.features):
       y = tap_sum_conv(x, kernel, padding)
     elif d == 3 and 0 < self.fft_min_taps <= math.prod(kernel_size) and stride_1:

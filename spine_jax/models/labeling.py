@@ -55,6 +55,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   cfg.head_hidden = True  # SPINEPS' classification_linear
   cfg.dropout = 0.0  # after each dense layer, MONAI's dropout_prob; SPINEPS' network has none
   cfg.dtype = "float32"
+  cfg.conv = "auto"  # models/conv.py implementation; 'auto': 1x1 layers as matrix products on CPU, XLA's own elsewhere
   return cfg
 
 
@@ -116,13 +117,14 @@ class LabelingNet(nn.Module):
 
 
 def build_labeling_model(model_cfg: Mapping[str, Any], *, norm: Callable[..., nn.Module] = densenet.default_norm,
-                         conv: Callable[..., nn.Module] = densenet.default_conv) -> LabelingNet:
+                         conv: Callable[..., nn.Module] | None = None) -> LabelingNet:
   """The network a model config describes (fields: ``default_model_config``; missing ones take its defaults)."""
   defaults = default_model_config()
   field = lambda name: defaults[name] if model_cfg.get(name, None) is None else model_cfg.get(name)
   backbone = str(field("backbone"))
   if backbone not in densenet.preset_names():
     raise ValueError(f"model.backbone: unknown DenseNet preset {backbone!r}; labelling uses {', '.join(BACKBONES)}")
+  conv = densenet.make_conv(str(field("conv"))) if conv is None else conv
   return LabelingNet(heads=normalise_heads(field("heads")), backbone=backbone, head_hidden=bool(field("head_hidden")),
                      dropout=float(field("dropout")), dtype=jnp.dtype(field("dtype")), norm=norm, conv=conv)
 

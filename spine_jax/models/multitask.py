@@ -71,6 +71,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   cfg.cross_stitch_init = 0.9
   cfg.dtype = 'float32'
   cfg.remat = False  # recompute dense layers in the backward pass to save activation memory
+  cfg.conv = 'auto'  # models/conv.py implementation; 'auto': 1x1 layers as matrix products on CPU, XLA's own elsewhere
   return cfg
 
 
@@ -97,7 +98,7 @@ def trunk_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def build_model(cfg: Mapping[str, Any]) -> nn.Module:
   """The network a model config describes; missing fields take ``default_model_config``'s."""
   kind = _field(cfg, 'kind')
-  trunk = functools.partial(densenet.DenseNet, **trunk_fields(cfg))
+  trunk = functools.partial(densenet.DenseNet, **trunk_fields(cfg), conv=densenet.make_conv(str(_field(cfg, 'conv'))))
   head_dropout = float(_field(cfg, 'head_dropout'))
   if kind == 'hard':
     return HardSharingNet(trunk=trunk, mlp_hidden=int(_field(cfg, 'mlp_hidden')), head_dropout=head_dropout)

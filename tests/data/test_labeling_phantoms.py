@@ -97,6 +97,30 @@ def test_transitional_rates():
   assert seen == {*mri_anatomy.LUMBOSACRAL_FORMS, 11, 12, 13}
 
 
+def test_training_split_oversamples_transitional_forms():
+  """`train_transition_rates` replace the training split's rates only; the held-out split keeps the configured
+  ones; unknown fields and rates that are no probabilities are refused naming the field."""
+  cfg = _cfg(**RAISED)
+  cfg.train_transition_rates = {'t13_probability': 0.5, 'l6_probability': 0.3}
+  train, test = mri.split_config(cfg, 'train'), mri.split_config(cfg, 'test')
+  assert test is cfg
+  assert (train.t13_probability, train.l6_probability) == (0.5, 0.3) and cfg.t13_probability == RAISED['t13_probability']
+  assert train.t11_probability == RAISED['t11_probability']
+  cfg.train_transition_rates = {}
+  assert mri.split_config(cfg, 'train') is cfg  # no copy, so the volumes stay those drawn before the field
+  # The training volumes are drawn with the replaced rates: every patient has a T13 at a rate of 1.
+  only_t13 = _cfg(**NO_FORMS)
+  only_t13.train_transition_rates = {'t13_probability': 1.0}
+  assert all(mri.make_volume(only_t13, 'train', i)['thoracic_count'] == 13 for i in range(2))
+  assert mri.make_volume(only_t13, 'test', 0)['thoracic_count'] == 12
+  only_t13.train_transition_rates = {'t13_probability': 0.7, 't11_probability': 0.5}
+  with pytest.raises(ValueError, match='train_transition_rates: .*t13_probability, t11_probability'):
+    mri.make_volume(only_t13, 'train', 0)
+  only_t13.train_transition_rates = {'t14_probability': 0.1}
+  with pytest.raises(ValueError, match='train_transition_rates: unknown field'):
+    mri.make_volume(only_t13, 'train', 0)
+
+
 def test_field_starts():
   """Kinds start where their anchors allow; together from C2 (C1 above it) down to L3."""
   cfg = mri.labeling_phantom_config()

@@ -131,3 +131,21 @@ def test_tap_sum_odd_batch_and_side_matches_nn_conv():
   g_got = jax.grad(lambda v, x: jnp.sum(jnp.sin(ours.apply(v, x))), argnums=(0, 1))(variables, x)
   for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+
+@pytest.mark.parametrize("kernel,padding", [((1, 1), 'VALID'), ((3, 3), ((1, 1), (1, 1))), ((1, 1), ((1, 1), (1, 1)))])
+def test_tapsum_two_spatial_dims(kernel, padding):
+  """2D under 'tapsum' (the DenseNets on CPU): 1x1 kernels as a contraction, the rest XLA's; nn.Conv's
+  results and gradients either way."""
+  x = jax.random.normal(jax.random.key(0), (2, 6, 5, 7))
+  ref_mod = nn.Conv(4, kernel, padding=padding)
+  variables = jax.tree.map(lambda v: v + 0.1, ref_mod.init(jax.random.key(1), x))
+  ours = conv_lib.make_conv('tapsum')(4, kernel, padding=padding)
+  np.testing.assert_allclose(ours.apply(variables, x), ref_mod.apply(variables, x), rtol=1e-5, atol=1e-5)
+  loss = lambda m: (lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))))
+  for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), argnums=(0, 1))(variables, x)),
+                  jax.tree.leaves(jax.grad(loss(ref_mod), argnums=(0, 1))(variables, x))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  if kernel == (1, 1) and padding == 'VALID':  # the contraction: no convolution left in the program
+    assert 'convolution' not in jax.jit(lambda v, x: ours.apply(v, x)).lower(variables, x).as_text()

@@ -32,8 +32,9 @@ def count(tree):
 
 def test_default_config_has_every_field():
   cfg = labeling.default_model_config()
-  assert set(cfg) == {"backbone", "heads", "head_hidden", "dropout", "dtype"}
-  assert (cfg.backbone, cfg.head_hidden, cfg.dropout, cfg.dtype) == ("densenet121", True, 0.0, "float32")
+  assert set(cfg) == {"backbone", "heads", "head_hidden", "dropout", "dtype", "conv"}
+  assert (cfg.backbone, cfg.head_hidden, cfg.dropout, cfg.dtype, cfg.conv) == ("densenet121", True, 0.0, "float32",
+                                                                               "auto")
   assert set(labeling.BACKBONES) <= set(densenet.preset_names())
 
 

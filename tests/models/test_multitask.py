@@ -203,3 +203,23 @@ def test_cross_stitch_unit_mixes_maps():
 def test_class_names():
   assert mt.QUALITY_CLASSES == ('normal', 'blastic', 'mixed', 'lytic')
   assert mt.POSTEROLATERAL_CLASSES == ('none', 'unilateral', 'bilateral')
+
+
+@pytest.mark.parametrize('spatial_dims', [2, 3])
+def test_conv_forms_share_parameters_and_results(spatial_dims):
+  """`model.conv`: the CPU form (1x1 layers as contractions, 3D layers as 2D sums) and XLA's own take the same
+  parameters and give the same outputs and gradients, so checkpoints and converted weights serve both."""
+  x = jax.random.normal(jax.random.key(3), SHAPES[spatial_dims])
+  xla = mt.build_model(config(conv='xla', spatial_dims=spatial_dims))
+  ours = mt.build_model(config(conv='tapsum', spatial_dims=spatial_dims))
+  variables = xla.init(jax.random.key(0), x, train=False)
+  assert jax.tree.structure(ours.init(jax.random.key(0), x, train=False)) == jax.tree.structure(variables)
+
+  def loss(model):
+    def fn(params):
+      out, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+      return sum(jnp.sum(jnp.sin(v)) for v in jax.tree.leaves(out))
+    return fn
+  for a, b in zip(jax.tree.leaves(jax.value_and_grad(loss(ours))(variables['params'])),
+                  jax.tree.leaves(jax.value_and_grad(loss(xla))(variables['params']))):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4)

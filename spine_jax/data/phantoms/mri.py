@@ -37,7 +37,8 @@ from scipy import ndimage
 
 from spine_jax.data import nifti
 from spine_jax.data import spatial
-from spine_jax.data.phantoms.mri_anatomy import (BONE_IDS, ColumnPlan, Frame, draw_pieces, field_kind, field_window,
+from spine_jax.data.phantoms.mri_anatomy import (BONE_IDS, TRANSITION_RATE_FIELDS, ColumnPlan, Frame, column_rates,
+                                                 draw_pieces, field_kind, field_window,
                                                  make_curve, vertebra_id)
 from spine_jax.data.spine_labels import CORPUS, DISC_OFFSET, ENDPLATE, ENDPLATE_OFFSET, SACRUM
 from spine_jax.data.phantoms.mri_parts import Field, piece_rows
@@ -73,6 +74,11 @@ def default_mri_phantom_config() -> ml_collections.ConfigDict:
   cfg.l6_probability = 0.03  # a supernumerary 6th lumbar vertebra (SPINEPS id 25)
   cfg.lumbarised_s1_probability = 0.0  # S1 freed as an L6 (25) above a four-segment sacrum
   cfg.sacralised_l5_probability = 0.0  # L5 with broad costal processes reaching the sacral alae
+  # The training split's own rates, by the fields above (None: as above; e.g.
+  # --config.data.phantom.train_transition_rates.t13_probability=0.09); held-out splits keep the rates above: the
+  # rare forms oversampled in training, so that a network sees enough of them.
+  cfg.train_transition_rates = ml_collections.ConfigDict(
+      {name: ml_collections.FieldReference(None, field_type=float) for name in TRANSITION_RATE_FIELDS})
   cfg.last_rib_length_range = (1.0, 1.0)  # rib length of T12 (T11 with eleven), relative to a typical rib
   cfg.t13_rib_length_range = (1.0, 1.0)
   cfg.sacral_alae = False
@@ -369,9 +375,30 @@ def _split(cfg, split: str) -> tuple[int, int]:
   raise ValueError(f"unknown phantom split {split!r}; expected 'train' or 'test'")
 
 
+def split_config(cfg, split: str):
+  """The phantom settings a split is drawn with: the training split with `train_transition_rates` in place of
+  those rates (each group must still sum to at most 1), every other split as configured."""
+  overrides = {k: v for k, v in dict(cfg.get('train_transition_rates') or {}).items() if v is not None}
+  if split != 'train' or not overrides:
+    return cfg
+  unknown = sorted(set(overrides) - set(TRANSITION_RATE_FIELDS))
+  if unknown:
+    raise ValueError(f'train_transition_rates: unknown field(s) {", ".join(unknown)}; known: '
+                     f'{", ".join(TRANSITION_RATE_FIELDS)}')
+  scaled = cfg.copy_and_resolve_references()
+  for name, rate in overrides.items():
+    scaled[name] = float(rate)
+  try:
+    column_rates(scaled)
+  except ValueError as e:
+    raise ValueError(f'train_transition_rates: {e}') from None
+  return scaled
+
+
 def make_volume(cfg, split: str, index: int) -> dict:
   """Volume `index` of a split: depends only on (the split's seed, index), so workers can draw it on demand."""
   n, seed = _split(cfg, split)
+  cfg = split_config(cfg, split)
   if not 0 <= int(index) < n:
     raise IndexError(f'volume {index} outside the {split} split of {n} volumes')
   return make_spine(np.random.default_rng([seed, int(index)]), cfg)
