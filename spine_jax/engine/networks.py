@@ -39,8 +39,14 @@ def _instance(config) -> tuple[nn.Module, tuple[int, ...]]:
 
 
 def _labeling(config) -> tuple[nn.Module, tuple[int, ...]]:
-  """One vertebra patch, (P, I, R) voxels in SPINEPS' order (models/labeling.py), one channel."""
-  return labeling.build_labeling_model(config.model), (1, *config.data.patch_size, 1)
+  """One vertebra patch, (P, I, R) voxels in SPINEPS' order (models/labeling.py), one channel; a patch the trunk
+  would pool to nothing is refused here, naming the field."""
+  model = labeling.build_labeling_model(config.model)
+  smallest = labeling.smallest_patch(model.backbone)
+  if min(int(n) for n in config.data.patch_size) < smallest:
+    raise ValueError(f"data.patch_size {tuple(config.data.patch_size)}: the {model.backbone} trunk needs at least "
+                     f"{smallest} voxels per axis")
+  return model, (1, *config.data.patch_size, 1)
 
 
 BUILDERS: dict[str, Callable] = {"bone_quality": _bone_quality, "semantic": _semantic, "instance": _instance,

@@ -322,6 +322,7 @@ def test_models_spineps_cannot_run_are_not_exported(tmp_path, change, pattern):
   config = labeling_config.get_config("smoke")
   config.model.update({k: v for k, v in change.items() if k in config.model})
   config.data.update({k: v for k, v in change.items() if k in config.data})
+  config.data.patch_size = (32, 32, 32)  # DenseNet-121 downsamples by 32: the smallest patch it takes
   model = labeling.build_labeling_model(config.model)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *config.data.patch_size, 1)),
                                              train=False))

@@ -125,3 +125,6 @@ def test_network_builder_knows_the_task():
   assert isinstance(model, labeling.LabelingNet) and shape == (1, 16, 12, 8, 1)
   _, abstract = networks.abstract_variables(config, mesh_lib.make_mesh(1))
   assert abstract["params"]["head_VERT"]["out"]["kernel"].shape[-1] == 24
+  config.model.backbone = "labeling_small"  # pools by 16: an 8-voxel axis would leave nothing to convolve
+  with pytest.raises(ValueError, match=r"data.patch_size \(16, 12, 8\): the labeling_small trunk needs at least 16"):
+    networks.build(config)
