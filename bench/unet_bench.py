@@ -147,7 +147,8 @@ def main():
     model_cfg.conv = a.conv
   ours = bench_jax(model_cfg, patch, a.batch, a.repeats)
   result = {"machine": f"{os.cpu_count()} CPUs, {jax.devices()[0].platform}", "config": a.config or "spec-peer",
-            "conv": model_cfg.get("conv", "auto"), "features": list(model_cfg.features_per_stage), "strides": [list(s) for s in model_cfg.strides],
+            "conv": model_cfg.get("conv", "auto"), "features": list(model_cfg.features_per_stage),
+            "strides": [list(s) for s in model_cfg.strides],
             "patch": list(patch), "batch": a.batch, "spine_jax": ours}
   if not a.no_torch:
     peer = bench_torch(model_cfg, patch, a.batch, a.repeats)

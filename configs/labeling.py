@@ -11,8 +11,9 @@ path) from its reference instances renumbered by position.
 Variants (after the colon, combined with commas):
   ''          default: a small DenseNet on 48 x 56 x 16 patches at 2.25 x 2.25 x 3.3 mm (108 x 126 x 53 mm:
               the body, its neighbours and the posterior elements) that trains on a 2-core CPU in about
-              10 minutes (data, 1,000 steps, the held-out report); heads VERT, VERTGRP, REGION, VERTREL, VERTT13, FULLYVISIBLE (the 24-class
-              layout: a T13 is a repeated T12, an L6 a repeated L5 on the path).
+              10 minutes (data, 1,000 steps, the held-out report); heads VERT, VERTGRP, REGION, VERTREL,
+              VERTT13, FULLYVISIBLE (the 24-class layout: a T13 is a repeated T12, an L6 a repeated L5 on
+              the path).
   'long'      twice the steps (2000) on twice the training phantoms (256): about twice the default's time.
   'vertexact' the 26-class layout: a VERTEXACT head (T13 and L6 as classes) instead of VERT and VERTGRP.
   'spineps'   SPINEPS' scale: DenseNet-169 on 152 x 168 x 32 patches at the reference spacing; for GPUs/TPUs.

@@ -46,14 +46,16 @@ from spine_jax.models import conv as conv_lib
 kaiming_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 
 default_norm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
-default_conv = functools.partial(nn.Conv, use_bias=False, kernel_init=kaiming_normal)
 
 
 def make_conv(impl: str = 'auto') -> Callable[..., nn.Module]:
   """The DenseNets' convolution (no bias, PyTorch's init) in a `models.conv` implementation; 'auto' as there: on
   CPU the 1x1 layers as matrix products (their XLA weight gradients are 4-5x slower) and 3D layers as 2D sums,
-  XLA's own elsewhere (BUILD_NOTES.md "Convolution on CPU"). The parameters are nn.Conv's in every form."""
+  XLA's own elsewhere (BUILD_NOTES.md "The DenseNets on CPU"). The parameters are nn.Conv's in every form."""
   return functools.partial(conv_lib.make_conv(impl), use_bias=False, kernel_init=kaiming_normal)
+
+
+default_conv = make_conv('xla')  # nn.Conv itself: what converters and the modules' defaults build
 
 # 'imagenet': 7x7 stride-2 conv, BN, ReLU, 3x3 stride-2 max pool (torchvision, MONAI): 4x smaller.
 # 'small': 3x3 stride-1 conv, BN, ReLU, no pool: full resolution, for tiny inputs.

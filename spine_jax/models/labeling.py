@@ -55,7 +55,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   cfg.head_hidden = True  # SPINEPS' classification_linear
   cfg.dropout = 0.0  # after each dense layer, MONAI's dropout_prob; SPINEPS' network has none
   cfg.dtype = "float32"
-  cfg.conv = "auto"  # models/conv.py implementation; 'auto': 1x1 layers as matrix products on CPU, XLA's own elsewhere
+  cfg.conv = "auto"  # models/conv.py implementation; 'auto': densenet.make_conv's CPU forms on CPU, XLA's own elsewhere
   return cfg
 
 

@@ -71,7 +71,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   cfg.cross_stitch_init = 0.9
   cfg.dtype = 'float32'
   cfg.remat = False  # recompute dense layers in the backward pass to save activation memory
-  cfg.conv = 'auto'  # models/conv.py implementation; 'auto': 1x1 layers as matrix products on CPU, XLA's own elsewhere
+  cfg.conv = 'auto'  # models/conv.py implementation; 'auto': densenet.make_conv's CPU forms on CPU, XLA's own elsewhere
   return cfg
 
 

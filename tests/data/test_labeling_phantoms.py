@@ -104,7 +104,8 @@ def test_training_split_oversamples_transitional_forms():
   cfg.train_transition_rates = {'t13_probability': 0.5, 'l6_probability': 0.3}
   train, test = mri.split_config(cfg, 'train'), mri.split_config(cfg, 'test')
   assert test is cfg
-  assert (train.t13_probability, train.l6_probability) == (0.5, 0.3) and cfg.t13_probability == RAISED['t13_probability']
+  assert (train.t13_probability, train.l6_probability) == (0.5, 0.3)
+  assert cfg.t13_probability == RAISED['t13_probability']
   assert train.t11_probability == RAISED['t11_probability']
   cfg.train_transition_rates = {}
   assert mri.split_config(cfg, 'train') is cfg  # no copy, so the volumes stay those drawn before the field

@@ -133,7 +133,6 @@ def test_tap_sum_odd_batch_and_side_matches_nn_conv():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-
 @pytest.mark.parametrize("kernel,padding", [((1, 1), 'VALID'), ((3, 3), ((1, 1), (1, 1))), ((1, 1), ((1, 1), (1, 1)))])
 def test_tapsum_two_spatial_dims(kernel, padding):
   """2D under 'tapsum' (the DenseNets on CPU): 1x1 kernels as a contraction, the rest XLA's; nn.Conv's
