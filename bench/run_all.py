@@ -57,6 +57,9 @@ import functools  # noqa: E402
 WORKLOADS = "abcdefg"
 PEAK_MATMUL_SIDE = 2048
 TASKS = ("bone_quality", "semantic", "semantic_nnunet", "instance", "labeling")
+# Training phantoms a benchmarked step's pipeline holds: a step needs one batch and e the pipeline's steady rate,
+# not a whole training split in memory (64 whole-spine volumes of the :nnunet plan hold about 16 GB).
+BENCH_TRAIN_VOLUMES = 8
 
 
 # --- Sizes ---------------------------------------------------------------------------------------------------
@@ -71,6 +74,9 @@ def task_config(name: str, tiny: bool, variant: str = ""):
   config = module.get_config(",".join(variants))
   if variant == "bf16":
     config.model.dtype = "bfloat16"
+  phantom = config.data.get("phantom")
+  if phantom is not None and phantom.get("num_train_volumes") is not None:
+    phantom.num_train_volumes = min(int(phantom.num_train_volumes), BENCH_TRAIN_VOLUMES)
   if name == "bone_quality" and variant != "gpu":
     config.model.trunk = "small" if tiny else "densenet121"
   if tiny:
@@ -142,6 +148,25 @@ def xla_memory(compiled) -> dict | None:
   return {"peak_bytes": int(total), "temp_bytes": int(m.temp_size_in_bytes), "argument_bytes": int(m.argument_size_in_bytes)}
 
 
+def available_bytes() -> int | None:
+  """The kernel's estimate of memory available to a new allocation (MemAvailable; None without /proc)."""
+  try:
+    with open("/proc/meminfo") as f:
+      return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+  except (OSError, StopIteration, ValueError):
+    return None
+
+
+def memory_shortfall(memory: dict | None, available: int | None, share: float = 0.9) -> str | None:
+  """Why a compiled step cannot run here (None when it fits): XLA's buffer assignment above `share` of the
+  available memory would have the kernel's OOM killer end the whole run."""
+  need = (memory or {}).get("peak_bytes")
+  if need is None or available is None or need <= share * available:
+    return None
+  return (f"XLA's buffer assignment needs {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB is available here "
+          f"(the peer is not run either)")
+
+
 def not_measured(reason: str) -> str:
   return f"not measured: {reason}"
 
@@ -199,12 +224,15 @@ class Step:
     self.compiled = jitted.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - start
     self.flops, self.memory = cost_flops(self.compiled), xla_memory(self.compiled)
+    self.shortfall = memory_shortfall(self.memory, available_bytes())  # a reason not to run it, or None
 
   @property
   def batch_size(self) -> int:
     return int(self.config.batch_size)
 
   def __call__(self) -> None:
+    if self.shortfall:
+      raise MemoryError(self.shortfall)
     self.state, metrics = self.compiled(self.state, self.batch)
     jax.block_until_ready(metrics["loss"])
 
@@ -266,6 +294,9 @@ def bench_unet(args, peak: float) -> dict:
   reason = torch_reason()
   for name in ("semantic", "semantic_nnunet"):
     step = our_step(name, args)
+    if step.shortfall:
+      out[f"b_{name}_train_step"] = not_measured(step.shortfall)
+      continue
     calls = {"ours": step}
     if not reason:
       patch = tuple(step.config.data.patch.patch_size)
@@ -387,18 +418,24 @@ def bench_instance_phase(args, folder: pathlib.Path) -> dict:
 
 
 def bench_pipelines(args) -> dict:
-  """(e) each task's grain pipeline: batches drawn in a row (after the first) against the step's consumption."""
+  """(e) each task's grain pipeline: batches drawn in a row (after the first and the read-ahead) against the step's
+  consumption."""
+  from spine_jax.data import pipelines
   out = {}
   for name in args.tasks:
     step = our_step(name, args)
+    for _ in range(0 if args.tiny else pipelines.PREFETCH_BATCHES):  # drain what was read ahead: the steady rate
+      next(step.iterator)
     n = 2 if args.tiny else 20
     start = time.perf_counter()
     for _ in range(n):
       next(step.iterator)
     produced = n * step.batch_size / (time.perf_counter() - start)
-    consumed = step.batch_size / median_time(step, args.repeats, warmup=True)
-    out[f"e_pipeline_{name}"] = {"samples_per_s": produced, "step_consumes_per_s": consumed,
-                                 "pipeline_over_step": produced / consumed, "first_batch_s": step.first_batch_s,
+    consumed = None if step.shortfall else step.batch_size / median_time(step, args.repeats, warmup=True)
+    out[f"e_pipeline_{name}"] = {"samples_per_s": produced,
+                                 "step_consumes_per_s": consumed or not_measured(step.shortfall),
+                                 "pipeline_over_step": produced / consumed if consumed else None,
+                                 "first_batch_s": step.first_batch_s,
                                  "batches_drawn": n, "workers": int(step.config.data.get("num_workers", 0) or 0)}
   return out
 
@@ -454,8 +491,12 @@ def bench_memory(args) -> dict:
   out = {}
   for name in args.tasks:
     step = our_step(name, args)
+    row = {"spine_jax_xla_bytes": (step.memory or {}).get("peak_bytes")}
+    if step.shortfall:
+      out[f"g_memory_{name}"] = {**row, "spine_jax_rss_delta_bytes": not_measured(step.shortfall)}
+      continue
     step()
-    row = {"spine_jax_xla_bytes": (step.memory or {}).get("peak_bytes"), "spine_jax_rss_delta_bytes": rss_peak_delta(step)}
+    row["spine_jax_rss_delta_bytes"] = rss_peak_delta(step)
     if name.startswith("semantic") and not reason:
       peer = torch_calls(step.config.model, tuple(step.config.data.patch.patch_size), step.batch_size,
                          **args.torch_kwargs)["train_step"]

@@ -98,3 +98,15 @@ def test_chip_peaks_by_device_kind():
   assert accelerator.chip_peak_tflops("NVIDIA H100 PCIe") == 756.0
   assert accelerator.chip_peak_tflops("TPU v5 lite") == 197.0
   assert accelerator.chip_peak_tflops("cpu") is None
+
+
+def test_a_step_that_does_not_fit_the_memory_is_reported_not_run():
+  sys.path.insert(0, str(ROOT / "bench"))
+  import run_all
+  gib = 2 ** 30
+  assert run_all.memory_shortfall({"peak_bytes": 10 * gib}, 20 * gib) is None
+  reason = run_all.memory_shortfall({"peak_bytes": 22 * gib}, 17 * gib)
+  assert "needs 22.0 GiB" in reason and "17.0 GiB is available" in reason
+  assert run_all.memory_shortfall(None, gib) is None and run_all.memory_shortfall({"peak_bytes": gib}, None) is None
+  available = run_all.available_bytes()
+  assert available is None or available > 0

@@ -6,6 +6,7 @@ processes, and the iterator state ({'next_index': k}) restores on any process co
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 import grain
@@ -14,6 +15,19 @@ import numpy as np
 
 from spine_jax.data import augment as augment_lib
 from spine_jax.data import labeling_samples
+
+
+# Batches built ahead of the step, and the threads that build them. grain's defaults (500 and 16) hold 500 batches:
+# 12 GB for the nnU-Net plan's 2 x 128 x 192 x 64 patches, with 16 threads beside a step on a 2-core CPU. Every
+# pipeline delivers hundreds of times what its step consumes (BUILD_NOTES.md "Benchmarks in one command", e).
+PREFETCH_BATCHES = 8
+MAX_PREFETCH_THREADS = 16
+
+
+def read_options() -> grain.ReadOptions:
+  """Prefetch of the training iterators: PREFETCH_BATCHES ahead, one thread per CPU (at most 16)."""
+  return grain.ReadOptions(num_threads=max(1, min(os.cpu_count() or 1, MAX_PREFETCH_THREADS)),
+                           prefetch_buffer_size=PREFETCH_BATCHES)
 
 
 class ArraySource:
@@ -87,7 +101,7 @@ def train_iterator(source, *, global_batch: int, seed: int, transform: Callable[
   n = jax.process_count() if process_count is None else process_count
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat().random_map(transform, seed=seed + 1)
   ds = ProcessShardOfBatches(ds, global_batch, p, n).batch(global_batch // n, drop_remainder=True)
-  it = ds.to_iter_dataset()
+  it = ds.to_iter_dataset(read_options())
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(it)

@@ -34,3 +34,21 @@ def test_eval_batches_cover_every_element_once():
 def test_empty_source_is_an_error():
   with pytest.raises(ValueError, match="empty"):
     pipelines.ArraySource({"x": np.zeros(0)}, ("x",))
+
+
+def test_training_iterators_build_only_a_few_batches_ahead():
+  """grain's default read-ahead (500 batches on 16 threads) held 12 GB for the nnU-Net plan; ours stays small."""
+  import threading
+  import time
+  calls, lock = [0], threading.Lock()
+
+  def transform(element, rng):
+    with lock:
+      calls[0] += 1
+    return {"x": np.float32(element)}
+  it = pipelines.train_iterator(list(range(1000)), global_batch=2, seed=0, transform=transform)
+  first = next(it)
+  assert first["x"].shape == (2,)
+  time.sleep(1.0)  # the background threads fill their buffer
+  threads = pipelines.read_options().num_threads
+  assert calls[0] <= 2 * (1 + pipelines.PREFETCH_BATCHES + threads), calls[0]

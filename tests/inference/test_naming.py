@@ -118,6 +118,39 @@ def test_the_vertebra_on_the_sacrum_is_the_last_lumbar_one():
   assert naming.default_inference_config().sacrum_anchor is False  # SPINEPS' models: its own rules only
 
 
+@pytest.mark.parametrize("seed", [3, 9])  # cervical (C7 without a patch), thoracic (both edges without one)
+def test_edge_vertebrae_without_a_patch_are_counted_on_from_their_neighbours(seed):
+  v = _volume(seed)
+  instances, truth = labeling_task.positional(v['instance'])
+  anatomy = lc.Anatomy.of([x['id'] for x in v['vertebrae']])
+  seen = _seen(instances, v['semantic'], truth)
+  edges = [k + 1 for k, t in enumerate(truth) if t not in seen and t != 1]  # the atlas has SPINEPS' own rule
+  assert edges and all(t in seen for t in truth[truth.index(seen[0]):truth.index(seen[-1]) + 1])
+  result = naming.name_vertebrae(v['image'], v['affine'], instances, v['semantic'], _oracle(seen, anatomy),
+                                 _spec(name_edge_vertebrae=True))
+  assert [result.mapping[k + 1] for k in range(len(truth))] == truth, result.messages
+  for k in edges:
+    level = levels.label_to_level(truth[k - 1], 'spineps')
+    assert f'instance {k} (no patch) at the edge of the field: {level}, counted on from its neighbour' in result.messages
+    assert result.report()['vertebrae'][str(k)] == {'id': truth[k - 1], 'level': level, 'probabilities': None}
+  # Off (SPINEPS' rule): deleted.
+  spineps = naming.name_vertebrae(v['image'], v['affine'], instances, v['semantic'], _oracle(seen, anatomy), _spec())
+  assert all(spineps.mapping[k] == 0 for k in edges)
+  assert naming.default_inference_config().name_edge_vertebrae is False
+
+
+def test_edge_level_deletes_between_named_vertebrae_past_c1_and_at_the_sacrum():
+  ids = {levels.level_to_label(n, 'spineps'): n for n in ('C1', 'C2', 'C7', 'T1', 'L4', 'L5')}
+  by = {n: i for i, n in ids.items()}
+  present = [1, 2, 3, 4]
+  assert naming.edge_level(2, present, {1: by['C7'], 3: by['L4']}) == 0  # a hole between named vertebrae
+  assert naming.edge_level(4, present, {1: by['C7'], 2: by['T1']}) == levels.level_to_label('T3', 'spineps')
+  assert naming.edge_level(1, present, {2: by['C1']}) == 0  # nothing above C1
+  assert naming.edge_level(3, present, {1: by['L4'], 2: by['L5']}) == 0  # the sacrum is not a vertebra instance
+  assert naming.edge_level(1, present, {2: by['C2'], 3: by['C1']}) == 0  # C1 is taken
+  assert naming.edge_level(1, present, {}) == 0
+
+
 def test_no_vertebra_and_failures_are_messages_not_crashes():
   v = _volume(1)
   empty = naming.name_vertebrae(v['image'], v['affine'], np.zeros_like(v['instance']), v['semantic'],

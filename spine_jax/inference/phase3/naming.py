@@ -8,9 +8,13 @@ instance it overlaps by more than 250 mm³ is pinned to C2 and the one above to 
 SPINEPS: an instance the network saw no patch of is deleted, except the topmost, which becomes C1 when the path
 named C2 and no C1. `relabel` then carries the names to the discs (100 + X) and endplates (200 + X).
 
-One rule of ours, off for SPINEPS' models (`inference.sacrum_anchor`): the lowest vertebra, when it (with its disc
-and endplates) lies within SACRUM_CONTACT_MM of the semantic mask's sacrum, is the last lumbar vertebra (L5, or
-L6), as a radiologist counts from the sacrum. SPINEPS pins only C2 by the dens.
+Two rules of ours, off for SPINEPS' models:
+- `inference.sacrum_anchor`: the lowest vertebra, when it (with its disc and endplates) lies within
+  SACRUM_CONTACT_MM of the semantic mask's sacrum, is the last lumbar vertebra (L5, or L6), as a radiologist counts
+  from the sacrum. SPINEPS pins only C2 by the dens.
+- `inference.name_edge_vertebrae`: a vertebra at the field's top or bottom edge without a patch (no corpus in the
+  semantic mask, or one too thin to survive the patch zoom) is named by counting on from its nearest named
+  neighbour (`edge_level`) instead of being deleted: a sliver of T1 under a named C7 is T1.
 
 A labelling bundle's config says how: `data` (patch size, zoom, crop margin, corpus masking, rotation: the
 training sampler's fields), `model.heads`, and `inference` (`default_inference_config`: the path's weights and
@@ -44,10 +48,10 @@ SACRUM_CONTACT_MM = 8.0
 
 def default_inference_config() -> ml_collections.ConfigDict:
   """`level_path.PathOptions`' fields with their defaults (SPINEPS' `find_vert_path_from_predictions`), but the
-  forced indices (per scan), the number of patches per network call, and the sacrum anchor (ours; off as in
-  SPINEPS)."""
+  forced indices (per scan), the number of patches per network call, and our two rules (the sacrum anchor, edge
+  vertebrae named from their neighbour; off as in SPINEPS)."""
   fields = {f.name: f.default for f in dataclasses.fields(level_path.PathOptions) if not f.name.startswith('force_')}
-  return ml_collections.ConfigDict({**fields, 'batch_size': 8, 'sacrum_anchor': False})
+  return ml_collections.ConfigDict({**fields, 'batch_size': 8, 'sacrum_anchor': False, 'name_edge_vertebrae': False})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +67,7 @@ class NamingSpec:
   batch_size: int
   options: level_path.PathOptions
   sacrum_anchor: bool = False
+  name_edge_vertebrae: bool = False
 
 
 def spec_of(config) -> NamingSpec:
@@ -82,7 +87,8 @@ def spec_of(config) -> NamingSpec:
                     zoom=tuple(float(z) for z in data.zoom), zoom_range=zoom_range, crop_margin_mm=float(data.crop_margin_mm),
                     corpus_masked=bool(data.get('corpus_masked', True)), rotate=bool(data.get('rotate', False)),
                     batch_size=batch_size, options=options,
-                    sacrum_anchor=bool(inference.get('sacrum_anchor', False)))
+                    sacrum_anchor=bool(inference.get('sacrum_anchor', False)),
+                    name_edge_vertebrae=bool(inference.get('name_edge_vertebrae', False)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +134,23 @@ def rests_on_sacrum(instances: np.ndarray, semantic: np.ndarray, affine: np.ndar
     return False
   distance = ndimage.distance_transform_edt(~sacrum, sampling=spacing)
   return bool(distance[own[box]].min() <= SACRUM_CONTACT_MM)
+
+
+def edge_level(vertebra: int, present: list[int], mapping: dict[int, int]) -> int:
+  """SPINEPS id of a vertebra without a patch that lies above or below every named one (`mapping`: the named
+  instances): the standard level as many positions on from the nearest named vertebra as `present` (every
+  vertebra instance, top to bottom) puts between them. 0 (delete) between named vertebrae, past C1, at the sacrum,
+  or where that level is named already."""
+  named = [v for v in present if mapping.get(v)]
+  if not named or named[0] < vertebra < named[-1]:
+    return 0
+  nearest = named[0] if vertebra < named[0] else named[-1]
+  level = levels_lib.neighbour_level(levels_lib.label_to_level(mapping[nearest], 'spineps'),
+                                     present.index(vertebra) - present.index(nearest))
+  if level is None or levels_lib.level_region(level) == 'sacral':
+    return 0
+  label = levels_lib.level_to_label(level, 'spineps')
+  return 0 if label in mapping.values() else label
 
 
 def _batched(predict_fn: Callable, patches: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:
@@ -183,20 +206,26 @@ def name_vertebrae(image: np.ndarray, affine: np.ndarray, instances: np.ndarray,
   except ValueError as e:  # e.g. more vertebrae than levels: the positions stay
     return Naming({}, {}, None, NETWORK_METHOD, (*messages, f'the level path failed ({e}): numbered by position'))
   mapping = dict(zip(ids, (int(i) for i in path.ids)))
-  for v in present:
-    if v in mapping:
-      continue
-    if v == min(present) and not options.disable_c1 and C2_ID in mapping.values() and C1_ID not in mapping.values():
-      mapping[v] = C1_ID
-      messages.append(f'instance {v} (no patch) above C2: C1')
-    else:
-      mapping[v] = 0
-      messages.append(f'instance {v} has no corpus in the semantic mask, so no patch: deleted')
   named = {}
   for k, i in enumerate(ids):
     named[i] = {'id': mapping[i], 'level': levels_lib.label_to_level(mapping[i], 'spineps'),
                 'probabilities': {h: [round(float(x), 6) for x in p] for h, p in path.probabilities[k].items()}}
-  return Naming(mapping, named, float(path.cost), NETWORK_METHOD, tuple(messages))
+  edge_named = {}
+  for v in (v for v in present if v not in mapping):
+    if v == min(present) and not options.disable_c1 and C2_ID in mapping.values() and C1_ID not in mapping.values():
+      mapping[v] = C1_ID
+      messages.append(f'instance {v} (no patch) above C2: C1')
+    elif spec.name_edge_vertebrae and (label := edge_level(v, present, {**mapping, **edge_named})):
+      edge_named[v] = label
+      level = levels_lib.label_to_level(label, 'spineps')
+      named[v] = {'id': label, 'level': level, 'probabilities': None}
+      messages.append(f'instance {v} (no patch) at the edge of the field: {level}, counted on from its neighbour')
+    else:
+      mapping[v] = 0
+      messages.append(f'instance {v} has no patch (no corpus in the semantic mask, or too thin at the patch zoom): '
+                      'deleted')
+  mapping.update(edge_named)
+  return Naming(mapping, dict(sorted(named.items())), float(path.cost), NETWORK_METHOD, tuple(messages))
 
 
 def relabel(instances: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
