@@ -62,10 +62,8 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Grad
 
 
 def _init_fn(model, tx, input_shape, dtype):
-  # lazy_init computes the variables only (the same values): `init` on a zero input would also run the forward pass
-  # on a whole training patch (BUILD_NOTES.md "Benchmarks in one command").
   def init(rng):
-    variables = model.lazy_init({"params": rng, "dropout": rng}, jax.ShapeDtypeStruct(input_shape, dtype), train=False)
+    variables = model.init({"params": rng, "dropout": rng}, jnp.zeros(input_shape, dtype), train=False)
     params = variables["params"]
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                              batch_stats=variables.get("batch_stats", {}))

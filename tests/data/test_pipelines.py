@@ -37,7 +37,7 @@ def test_empty_source_is_an_error():
 
 
 def test_training_iterators_build_only_a_few_batches_ahead():
-  """grain's default read-ahead (500 batches on 16 threads) held 12 GB for the nnU-Net plan; ours stays small."""
+  """grain's default read-ahead (500 batches, 16 threads) held about 13 GB for the nnU-Net plan; ours is small."""
   import threading
   import time
   calls, lock = [0], threading.Lock()

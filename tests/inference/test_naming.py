@@ -131,7 +131,8 @@ def test_edge_vertebrae_without_a_patch_are_counted_on_from_their_neighbours(see
   assert [result.mapping[k + 1] for k in range(len(truth))] == truth, result.messages
   for k in edges:
     level = levels.label_to_level(truth[k - 1], 'spineps')
-    assert f'instance {k} (no patch) at the edge of the field: {level}, counted on from its neighbour' in result.messages
+    message = f'instance {k} (no patch) at the edge of the field: {level}, counted on from its neighbour'
+    assert message in result.messages
     assert result.report()['vertebrae'][str(k)] == {'id': truth[k - 1], 'level': level, 'probabilities': None}
   # Off (SPINEPS' rule): deleted.
   spineps = naming.name_vertebrae(v['image'], v['affine'], instances, v['semantic'], _oracle(seen, anatomy), _spec())

@@ -106,19 +106,3 @@ def test_checkpoint_round_trip_continues_with_identical_next_batch(tmp_path):
 def test_batch_not_divisible_by_devices_is_a_clear_error():
   with pytest.raises(ValueError, match="not divisible"):
     mesh_lib.local_batch_size(6, mesh_lib.make_mesh(4))
-
-
-@pytest.mark.parametrize("task_name", ["bone_quality", "semantic", "instance", "labeling"])
-def test_initial_state_is_the_models_own_initialisation(task_name):
-  """create_train_state initialises lazily (no forward pass): the values model.init gives on a zero input."""
-  import importlib
-  import jax.numpy as jnp
-  config = importlib.import_module(f"configs.{task_name}").get_config("smoke")
-  task = tasks.get_task(config)
-  tx = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
-  state = state_lib.create_train_state(task.model, tx, task.init_shape, jax.random.key(3), mesh_lib.make_mesh(1))
-  variables = jax.jit(lambda key: task.model.init({"params": key, "dropout": key}, jnp.zeros(task.init_shape),
-                                                  train=False))(jax.random.key(3))
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(variables["params"]))
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.batch_stats),
-               jax.device_get(variables.get("batch_stats", {})))
