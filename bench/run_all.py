@@ -57,8 +57,8 @@ import functools  # noqa: E402
 WORKLOADS = "abcdefg"
 PEAK_MATMUL_SIDE = 2048
 TASKS = ("bone_quality", "semantic", "semantic_nnunet", "instance", "labeling")
-# Training phantoms a benchmarked step's pipeline holds: a step needs one batch and e the pipeline's steady rate,
-# not a whole training split in memory (64 whole-spine volumes of the :nnunet plan hold about 16 GB).
+# Training phantoms a benchmarked step's pipeline prepares: a step needs one batch and e the pipeline's steady
+# rate, not a whole training split (the labelling task's 128 phantoms take 77 s to prepare on the 2-core CPU).
 BENCH_TRAIN_VOLUMES = 8
 
 

@@ -140,6 +140,18 @@ def test_edge_vertebrae_without_a_patch_are_counted_on_from_their_neighbours(see
   assert naming.default_inference_config().name_edge_vertebrae is False
 
 
+def test_two_edge_vertebrae_without_a_patch_at_the_top_are_both_named():
+  v = _volume(9)  # thoracic: the top vertebra has no patch; take the corpus of the second away too
+  instances, truth = labeling_task.positional(v['instance'])
+  semantic = np.where((instances == 2) & np.isin(v['semantic'], labeling_patches.CORPUS_IDS), 0, v['semantic'])
+  anatomy = lc.Anatomy.of([x['id'] for x in v['vertebrae']])
+  seen = _seen(instances, semantic, truth)
+  assert truth[0] not in seen and truth[1] not in seen and truth[2] in seen
+  result = naming.name_vertebrae(v['image'], v['affine'], instances, semantic, _oracle(seen, anatomy),
+                                 _spec(name_edge_vertebrae=True))
+  assert [result.mapping[k + 1] for k in range(len(truth))] == truth, result.messages
+
+
 def test_edge_level_deletes_between_named_vertebrae_past_c1_and_at_the_sacrum():
   ids = {levels.level_to_label(n, 'spineps'): n for n in ('C1', 'C2', 'C7', 'T1', 'L4', 'L5')}
   by = {n: i for i, n in ids.items()}

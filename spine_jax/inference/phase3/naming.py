@@ -137,10 +137,10 @@ def rests_on_sacrum(instances: np.ndarray, semantic: np.ndarray, affine: np.ndar
 
 
 def edge_level(vertebra: int, present: list[int], mapping: dict[int, int]) -> int:
-  """SPINEPS id of a vertebra without a patch that lies above or below every named one (`mapping`: the named
-  instances): the standard level as many positions on from the nearest named vertebra as `present` (every
-  vertebra instance, top to bottom) puts between them. 0 (delete) between named vertebrae, past C1, at the sacrum,
-  or where that level is named already."""
+  """SPINEPS id of a vertebra without a patch that lies above or below every named one (`mapping`: the instances
+  the level path named): the standard level as many positions on from the nearest named vertebra as `present`
+  (every vertebra instance, top to bottom) puts between them. 0 (delete) between named vertebrae, past C1, at the
+  sacrum, or where the path named that level already."""
   named = [v for v in present if mapping.get(v)]
   if not named or named[0] < vertebra < named[-1]:
     return 0
@@ -205,18 +205,19 @@ def name_vertebrae(image: np.ndarray, affine: np.ndarray, instances: np.ndarray,
     path = level_path.solve(predictions, options)
   except ValueError as e:  # e.g. more vertebrae than levels: the positions stay
     return Naming({}, {}, None, NETWORK_METHOD, (*messages, f'the level path failed ({e}): numbered by position'))
-  mapping = dict(zip(ids, (int(i) for i in path.ids)))
+  by_path = dict(zip(ids, (int(i) for i in path.ids)))
+  mapping = dict(by_path)
   named = {}
   for k, i in enumerate(ids):
     named[i] = {'id': mapping[i], 'level': levels_lib.label_to_level(mapping[i], 'spineps'),
                 'probabilities': {h: [round(float(x), 6) for x in p] for h, p in path.probabilities[k].items()}}
-  edge_named = {}
-  for v in (v for v in present if v not in mapping):
+  for v in (v for v in present if v not in by_path):
     if v == min(present) and not options.disable_c1 and C2_ID in mapping.values() and C1_ID not in mapping.values():
       mapping[v] = C1_ID
       messages.append(f'instance {v} (no patch) above C2: C1')
-    elif spec.name_edge_vertebrae and (label := edge_level(v, present, {**mapping, **edge_named})):
-      edge_named[v] = label
+    elif (spec.name_edge_vertebrae and (label := edge_level(v, present, by_path))
+          and label not in mapping.values()):
+      mapping[v] = label
       level = levels_lib.label_to_level(label, 'spineps')
       named[v] = {'id': label, 'level': level, 'probabilities': None}
       messages.append(f'instance {v} (no patch) at the edge of the field: {level}, counted on from its neighbour')
@@ -224,7 +225,6 @@ def name_vertebrae(image: np.ndarray, affine: np.ndarray, instances: np.ndarray,
       mapping[v] = 0
       messages.append(f'instance {v} has no patch (no corpus in the semantic mask, or too thin at the patch zoom): '
                       'deleted')
-  mapping.update(edge_named)
   return Naming(mapping, dict(sorted(named.items())), float(path.cost), NETWORK_METHOD, tuple(messages))
 
 
