@@ -31,10 +31,15 @@ TAP_SUM_CASES = [c for c in CASES if c[1] == (1, 1, 1)] + [
 @pytest.mark.parametrize("kernel,strides,padding,spatial,form,channels",
                          [(*c, 'sliced', (3, 4)) for c in CASES] + [(*c, 'fft', (3, 4)) for c in FFT_CASES]
                          + [(*c, 'tapsum', (3, 4)) for c in TAP_SUM_CASES]
+                         # overlap-save: every axis in several blocks, the last block's outputs cropped
+                         + [(*c, 'fft_blocks', (3, 4)) for c in FFT_CASES if c[0] != (1, 1, 1)]
                          # several input groups (one short), several output groups: the scan and the map
                          + [(*TAP_SUM_CASES[0], 'tapsum', (19, 8)), (*TAP_SUM_CASES[0], 'tapsum', (8, 12))])
 def test_sliced_conv_matches_nn_conv(kernel, strides, padding, spatial, form, channels, monkeypatch):
   cin, cout = channels
+  if form == 'fft_blocks':
+    monkeypatch.setattr(conv_lib, 'FFT_BLOCK_SIDE', max(kernel) + 3)
+    form = 'fft'
   if cin > conv_lib.TAP_SUM_MAX_IN or cout > conv_lib.TAP_SUM_MAX_OUT:
     monkeypatch.setattr(conv_lib, 'TAP_SUM_MAX_IN', cin)
     monkeypatch.setattr(conv_lib, 'TAP_SUM_MAX_OUT', cout)
@@ -55,6 +60,13 @@ def test_sliced_conv_matches_nn_conv(kernel, strides, padding, spatial, form, ch
   g_got = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
   for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fft_blocks_share_the_outputs_evenly():
+  assert conv_lib.fft_blocks(64, 7, 72) == (1, 64)  # out + taps - 1 = 70 fits: one block, the whole axis
+  assert conv_lib.fft_blocks(248, 7, 72) == (4, 62)  # 66 outputs per block at most: 4 blocks of 62 (68 voxels)
+  assert conv_lib.fft_blocks(304, 7, 72) == (5, 61)  # 305 outputs computed, the last cropped
+  assert conv_lib.fft_blocks(5, 7, 3) == (5, 1)  # a block shorter than the kernel still yields one output
 
 
 def test_sliced_conv_two_spatial_dims_falls_back_to_lax():
