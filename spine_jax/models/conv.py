@@ -115,14 +115,14 @@ def fft_conv(x, kernel, padding, block_side: int | None = None):
   """(B, X, Y, Z, C) * (kx, ky, kz, C, O) -> (B, X', Y', Z', O), stride 1: PyTorch's cross-correlation
   as a product of spectra, in float32 (complex64), cast back to x's dtype.
 
-  Overlap-save: a padded axis longer than `block_side` is cut into overlapping blocks of at most that many
-  voxels (`fft_blocks`; FFT_BLOCK_SIDE unless given), each of which yields its last side - k + 1 outputs exactly (output o reads inputs
-  o .. o + k - 1 of its block, so circular correlation needs no room for wrap-around). The blocks keep the
-  kernel's spectrum small: over a whole 254 x 310 x 70 cutout, that spectrum is 3.6 GB for 10 -> 16 channels,
-  and writing and reading it took most of 12 s. The FFTs run channels-first (XLA's CPU FFT over the leading
-  axes of a channels-last array was 2.5x slower), the kernel's spectrum is an explicit DFT (small matrix
-  products, real arithmetic), and the product a loop over blocks in real arithmetic (fused into one
-  expression, XLA recomputed the kernel's spectrum for every block)."""
+  Overlap-save: a padded axis longer than `block_side` (FFT_BLOCK_SIDE unless given) is cut into overlapping
+  blocks of at most that many voxels (`fft_blocks`), and each block's first side - k + 1 outputs are exact
+  (output o reads inputs o .. o + k - 1 of its block, so circular correlation needs no room for wrap-around).
+  The blocks keep the kernel's spectrum small: over a whole 254 x 310 x 70 cutout, that spectrum is 3.6 GB
+  for 10 -> 16 channels, and writing and reading it took most of 12 s. The FFTs run channels-first (XLA's CPU
+  FFT over the leading axes of a channels-last array was 2.5x slower), the kernel's spectrum is an explicit
+  DFT (small matrix products, real arithmetic), and the product a loop over blocks in real arithmetic (fused
+  into one expression, XLA recomputed the kernel's spectrum for every block)."""
   block_side = FFT_BLOCK_SIDE if block_side is None else int(block_side)
   taps = kernel.shape[:3]
   sides = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[1:4], padding))
