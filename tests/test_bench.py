@@ -110,3 +110,30 @@ def test_a_step_that_does_not_fit_the_memory_is_reported_not_run():
   assert run_all.memory_shortfall(None, gib) is None and run_all.memory_shortfall({"peak_bytes": gib}, None) is None
   available = run_all.available_bytes()
   assert available is None or available > 0
+
+
+def test_conv_bench_times_each_fft_block_side(tmp_path):
+  """bench/conv_bench.py reruns the block-side table of BUILD_NOTES.md ("Overlap-save blocks")."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run([sys.executable, "bench/conv_bench.py", "--shape=1,12,10,6", "--in_channels=2",
+                         "--channels=3", "--kernel=5", "--impls=sliced,fft", "--fft_block_sides=8,0",
+                         "--forward_only", "--no_torch", "--repeats=1"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  for key in ("sliced", "fft_block_side_8", "fft_block_side_0"):
+    assert set(result[key]) == {"forward_s"} and result[key]["forward_s"] > 0, result
+  assert "fft" not in result and "pytorch" not in result
+
+
+def test_weight_grad_bench_forms_agree_with_xla(tmp_path):
+  """bench/weight_grad_bench.py's product forms give XLA's weight gradient (it refuses to time a wrong one)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run([sys.executable, "bench/weight_grad_bench.py", "--batch=2", "--size=6", "--in_channels=4",
+                         "--channels=3", "--repeats=1", "--no_torch"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert set(result["jax_s"]) == {"xla", "flat", "flat_dy_first", "flat_dy_first_4", "flat_dy_first_16",
+                                  "one_dot_x9"}
+  assert all(t > 0 for t in result["jax_s"].values()) and "pytorch_s" not in result

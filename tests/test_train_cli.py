@@ -25,6 +25,15 @@ def test_train_then_resume(tmp_path):
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines if l["split"] == "train"] == [2, 4, 6]
   assert json.loads((workdir / "eval.json").read_text())["step"] == 6
+  (workdir / "eval.json").unlink()
+  third = _train("--config=configs/bone_quality.py:smoke", f"--workdir={workdir}", "--config.num_train_steps=6")
+  assert third.returncode == 0, third.stderr[-3000:]
+  # already at its last step: evaluates again without preparing training data or training
+  assert "resumed from step 6" in third.stdout and "training done" in third.stdout
+  assert "training data ready" not in third.stdout
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines if l["split"] == "train"] == [2, 4, 6]
+  assert json.loads((workdir / "eval.json").read_text())["step"] == 6
 
 
 def test_unknown_config_field_is_named(tmp_path):

@@ -210,18 +210,21 @@ def train_and_evaluate(config, workdir, *, step_timeout: float = 0.0) -> dict:
   abstract = state_lib.abstract_train_state(task.model, tx, task.init_shape, mesh)
   state_sharding = jax.tree.map(lambda s: s.sharding, abstract)
 
-  t0 = time.time()
-  data_iter = task.train_iterator()
-  _say(f"training data ready in {time.time() - t0:.1f} s")
-  resuming = checkpoints.latest_step(workdir) is not None
+  latest = checkpoints.latest_step(workdir)
+  resuming = latest is not None
+  data_iter = None  # a run already at its last step only evaluates: no training data to prepare
+  if latest is None or latest < config.num_train_steps:
+    t0 = time.time()
+    data_iter = task.train_iterator()
+    _say(f"training data ready in {time.time() - t0:.1f} s")
   if not resuming:  # before the work directory is made: a bad init_from leaves nothing behind
     state = state_lib.create_train_state(task.model, tx, task.init_shape, jax.random.key(config.seed), mesh)
     state = task.initial_state(state)  # e.g. pretrained weights (config.model.init_from)
   workdir.mkdir(parents=True, exist_ok=True)
   mngr = checkpoints.manager(workdir, max_to_keep=config.keep_checkpoints)
   if resuming:
-    state, start = checkpoints.restore(mngr, abstract, data_iter)
-    _say(f"resumed from step {start} in {workdir}")
+    state, start = checkpoints.restore(mngr, abstract, data_iter, step=latest)
+    _say(f"resumed from step {start} in {workdir}" + (" (training done: evaluating)" if data_iter is None else ""))
   else:
     start = 0
     _say(f"new run in {workdir}: {state_lib.count_params(state.params):,} parameters")
