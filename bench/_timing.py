@@ -6,6 +6,19 @@ import time
 from typing import Callable, Mapping
 
 
+def not_measured(reason) -> str:
+  """How a report says that a side did not run, and why."""
+  return f"not measured: {reason}"
+
+
+def torch_side(fn, *args):
+  """fn(*args), or why it cannot run here when PyTorch is not installed."""
+  try:
+    return fn(*args)
+  except ImportError as e:
+    return not_measured(e)
+
+
 def median_time(fn, repeats: int, warmup: bool = False) -> float:
   """Median seconds of `repeats` calls of fn (after one untimed call when `warmup`)."""
   if warmup:

@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 
-from _timing import median_time
+from _timing import median_time, torch_side
 import jax
 
 from spine_jax.models import conv as conv_lib
@@ -84,15 +84,12 @@ def main():
   for impl in a.impls.split(","):
     if impl == "fft" and a.fft_block_sides:
       for side in (int(v) for v in a.fft_block_sides.split(",")):
-        # 0: one block per axis, however long (the form before the overlap-save blocks)
+        # 0: one block per axis, however long (channels-first FFTs and the loop over blocks all the same)
         result[f"fft_block_side_{side}"] = bench_jax(impl, *args, block_side=side or max(shape[1:]) + a.kernel)
     else:
       result[impl] = bench_jax(impl, *args)
   if not a.no_torch:
-    try:
-      result["pytorch"] = bench_torch(*args)
-    except ImportError as e:
-      result["pytorch"] = f"not measured: {e}"
+    result["pytorch"] = torch_side(bench_torch, *args)
   print(json.dumps(result))
 
 

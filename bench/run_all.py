@@ -51,7 +51,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _timing import alternate, median_time, summary  # noqa: E402
+from _timing import alternate, median_time, not_measured, summary  # noqa: E402
 import functools  # noqa: E402
 
 WORKLOADS = "abcdefg"
@@ -165,10 +165,6 @@ def memory_shortfall(memory: dict | None, available: int | None, share: float = 
     return None
   return (f"XLA's buffer assignment needs {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB is available here "
           f"(the peer is not run either)")
-
-
-def not_measured(reason: str) -> str:
-  return f"not measured: {reason}"
 
 
 def torch_reason() -> str | None:

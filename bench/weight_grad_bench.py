@@ -8,14 +8,14 @@ matrix-multiply rate. The product forms compute dW[tap] as one (C x L) by (L x O
 input laid out flat (N * (H + 2) * (W + 2) rows), each tap a contiguous row slice shifted by its offset, and the
 output gradient zero-extended onto the same grid (`flat`, contracting the rows of both; `flat_dy_first`, the
 output gradient transposed once so that each product reads its slice as is; `flat_dy_first_P`, each product cut
-into P pieces along the rows). One XLA dot of the same size is timed alone for reference (`one_dot`, nine of
-them). Each the median wall time of --repeats after a warm-up, in one process; prints one JSON line.
+into P pieces along the rows). One XLA dot of the same size is timed alone for reference (`one_dot_x9`: nine
+times its time). Each the median wall time of --repeats after a warm-up, in one process; prints one JSON line.
 """
 import argparse
 import json
 import os
 
-from _timing import median_time
+from _timing import median_time, torch_side
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -97,10 +97,7 @@ def main():
   result = {"machine": f"{os.cpu_count()} CPUs, {jax.devices()[0].platform}", "batch": a.batch, "size": a.size,
             "in_channels": a.in_channels, "channels": a.channels, "gflop": flop / 1e9, "jax_s": bench_jax(*args)}
   if not a.no_torch:
-    try:
-      result["pytorch_s"] = bench_torch(*args)
-    except ImportError as e:
-      result["pytorch_s"] = f"not measured: {e}"
+    result["pytorch_s"] = torch_side(bench_torch, *args)
   print(json.dumps(result))
 
 
